@@ -1,0 +1,44 @@
+# One command per chore. CI runs `make test`, exactly as the README shows.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+SF := $(VENV)/bin/sandfleet
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint bench venv engine images clean
+
+setup: venv engine images
+
+venv: $(STAMP)
+
+# Re-install only when the project's metadata changed.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "setup: installing sandfleet (editable, dev extras) into $(VENV)"
+	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+engine: venv
+	@$(SF) engine ensure
+
+images: venv engine
+	@$(SF) images build
+
+demo: setup
+	@$(SF) demo
+
+test: setup
+	@$(VENV)/bin/pytest tests/ $(PYTEST_ARGS)
+
+lint: venv
+	@$(VENV)/bin/ruff check scheduler sandbox accounting tests bench
+	@$(VENV)/bin/ruff format --check scheduler sandbox accounting tests bench
+	@$(VENV)/bin/mypy scheduler sandbox accounting
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
+
+clean:
+	rm -rf $(VENV) sandfleet-data .pytest_cache

@@ -1,0 +1,3 @@
+"""sandbox: one node — images, templates, hardened containers, workspaces. No Ray here."""
+
+__all__: list[str] = []
