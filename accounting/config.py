@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from accounting.errors import ConfigError
 
-__all__ = ["describe_validation_error", "load_model", "read_yaml", "repo_root", "configs_dir"]
+__all__ = ["configs_dir", "describe_validation_error", "load_model", "read_yaml", "repo_root"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -76,7 +76,9 @@ def load_model(path: Path, model: type[M], **extra: Any) -> M:
     """Read `path` and validate it as `model`; `extra` fills fields the file may omit."""
     data = read_yaml(path)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level (fix: use key: value pairs)")
+        raise ConfigError(
+            f"{path}: expected a mapping at the top level (fix: use key: value pairs)"
+        )
     try:
         return model.model_validate({**extra, **data})
     except ValidationError as e:
