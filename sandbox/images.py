@@ -12,8 +12,10 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -217,10 +219,13 @@ def _build_recipe(name: str, ref: str, base_ref: str, echo: Echo) -> None:
     from docker.errors import APIError, BuildError
 
     echo(f"images: {name}: docker build FROM {base_ref}")
+    context = Path(tempfile.mkdtemp(prefix=f"sandfleet-build-{name}-", dir="/var/tmp"))
     client = docker_client(timeout=1800)
     try:
+        shutil.copytree(_images_dir() / name, context, dirs_exist_ok=True)
+        _download_wheels(context, name, echo)
         stream = client.api.build(
-            path=str(_images_dir() / name),
+            path=str(context),
             tag=ref,
             buildargs={"BASE": base_ref},
             network_mode="host",
@@ -229,16 +234,44 @@ def _build_recipe(name: str, ref: str, base_ref: str, echo: Echo) -> None:
             labels={"sandfleet.recipe": ref},
             decode=True,
         )
+        output: deque[str] = deque(maxlen=25)
         for chunk in stream:
             if "error" in chunk:
-                raise ImageError(f"building {ref} failed: {chunk['error'].strip()}")
-            line = str(chunk.get("stream", "")).strip()
+                tail = "\n".join(output)
+                raise ImageError(f"building {ref} failed: {chunk['error'].strip()}\n{tail}")
+            line = str(chunk.get("stream", "")).rstrip()
+            if line:
+                output.append(line)
             if line.startswith("Step "):
                 echo(f"images: {name}: {line}")
     except (APIError, BuildError) as e:
         raise ImageError(f"building {ref} failed: {e}") from None
     finally:
         client.close()
+        shutil.rmtree(context, ignore_errors=True)
     if not image_exists(ref):
         raise ImageError(f"docker build reported success but {ref} is missing")
     echo(f"images: {name}: {ref} built")
+
+
+def _download_wheels(context: Path, name: str, echo: Echo) -> None:
+    """Fill `context/wheels` from `requirements.txt` with the host's pip (binary wheels for
+    the image's CPython 3.11), so the image build needs no network of its own."""
+    wheels = context / "wheels"
+    wheels.mkdir(exist_ok=True)
+    requirements = context / "requirements.txt"
+    if not requirements.exists():
+        return
+    arch = os.uname().machine
+    platforms = [f"manylinux{v}_{arch}" for v in ("2014", "_2_17", "_2_28", "_2_34")]
+    echo(f"images: {name}: pip download -r requirements.txt (cp311, {arch})")
+    argv = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check"]
+    argv += ["--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp"]
+    argv += [arg for p in platforms for arg in ("--platform", p)]
+    argv += ["-r", str(requirements), "-d", str(wheels)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ImageError(
+            f"pip download for {name} failed: {done.stderr.strip()[-1500:]}\n"
+            f"fix: check configs/images/{name}/requirements.txt and that PyPI is reachable"
+        )
