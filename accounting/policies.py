@@ -7,7 +7,8 @@ size like `8g`, binary units); a cap of `null` means "no cap".
 from __future__ import annotations
 
 import re
-from enum import Enum
+from decimal import Decimal
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -56,7 +57,9 @@ def parse_bytes(value: object) -> int:
         number, unit = m.group(1), m.group(2).lower()
         whole, _, frac = number.partition(".")
         mult = _UNITS[unit]
-        size = int(whole) * mult + (int(frac) * mult) // (10 ** len(frac)) if frac else int(whole) * mult
+        size = int(whole) * mult
+        if frac:
+            size += (int(frac) * mult) // (10 ** len(frac))
     if size <= 0:
         raise ValueError(f"a size must be positive, not {value!r}")
     return size
@@ -103,7 +106,7 @@ class TaskPolicy(_Strict):
     budget_usd: Usd | None = Field(default=None, description="Cap per task; null = no cap.")
 
 
-class Action(str, Enum):
+class Action(StrEnum):
     """What happens when a rule fires."""
 
     ALERT = "alert"  # record the finding, show it
@@ -111,7 +114,7 @@ class Action(str, Enum):
     ESCALATE = "escalate"  # record it and notify a person (webhook)
 
 
-class Severity(str, Enum):
+class Severity(StrEnum):
     """How bad a finding is."""
 
     LOW = "low"
@@ -156,7 +159,9 @@ class RunawayLlmRule(AnomalyRule):
     max_calls_per_window: int = Field(default=60, gt=0, description="Calls that fire.")
     window_minutes: float = Field(default=1, gt=0, description="Sliding window length.")
     robust_z: float = Field(default=6.0, gt=0, description="Tokens-per-minute robust z that fires.")
-    min_history_minutes: int = Field(default=10, ge=3, description="Active minutes before z applies.")
+    min_history_minutes: int = Field(
+        default=10, ge=3, description="Active minutes an attempt needs before z applies."
+    )
 
 
 class CostOutlierRule(AnomalyRule):
@@ -165,7 +170,7 @@ class CostOutlierRule(AnomalyRule):
     min_peers: int = Field(default=20, ge=3, description="Attempts of the type needed first.")
     robust_z: float = Field(default=3.5, gt=0, description="0.6745*(cost-median)/MAD that fires.")
     mad_zero_factor: float = Field(default=3.0, gt=1, description="When MAD=0: cost > k x median.")
-    min_cost_usd: Usd = Field(default=0, description="Never flag an attempt cheaper than this.")
+    min_cost_usd: Usd = Field(default=Decimal(0), description="Never flag cheaper attempts.")
 
 
 class CpuPeggedRule(AnomalyRule):

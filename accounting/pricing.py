@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,19 +26,18 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 from accounting.config import configs_dir, load_model
 from accounting.errors import ConfigError, SchemaError
+from accounting.schemas import UNIT_OF_BUCKET, CostStatus, ServiceCategory, UsageBucket
 
 __all__ = [
     "LLM_BUCKETS",
     "NUSD_PER_USD",
     "ComputePrices",
-    "CostStatus",
     "ModelPrice",
     "NetworkPrices",
     "PriceList",
     "PricedUsage",
     "StoragePrices",
     "TokenPrices",
-    "UsageBucket",
     "Usd",
     "load_pricing",
     "price_usage",
@@ -54,28 +52,6 @@ _PREC = 80  # wide enough that no intermediate product is ever rounded
 _MAX_DIGITS_FROM_FLOAT = 15  # a float with more significant digits is ambiguous
 
 
-class UsageBucket(str, Enum):
-    """What a charge row measures; every token lands in exactly one token bucket."""
-
-    INPUT_UNCACHED = "input_uncached"
-    INPUT_CACHE_READ = "input_cache_read"
-    INPUT_CACHE_WRITE = "input_cache_write"
-    OUTPUT = "output"
-    REASONING = "reasoning"
-    CPU = "cpu"
-    MEMORY = "memory"
-    STORAGE = "storage"
-    EGRESS = "egress"
-
-
-class CostStatus(str, Enum):
-    """How sure a charge's cost is; `unknown` always has a null cost, never 0."""
-
-    FINAL = "final"
-    ESTIMATED = "estimated"
-    UNKNOWN = "unknown"
-
-
 LLM_BUCKETS: tuple[UsageBucket, ...] = (
     UsageBucket.INPUT_UNCACHED,
     UsageBucket.INPUT_CACHE_READ,
@@ -84,13 +60,13 @@ LLM_BUCKETS: tuple[UsageBucket, ...] = (
     UsageBucket.REASONING,
 )
 
-# bucket -> (unit, service_category, service_name)
-_BUCKET_INFO: dict[UsageBucket, tuple[str, str, str]] = {
-    **{b: ("tokens", "AI and Machine Learning", "LLM Inference") for b in LLM_BUCKETS},
-    UsageBucket.CPU: ("core-seconds", "Compute", "Sandbox Compute"),
-    UsageBucket.MEMORY: ("GiB-seconds", "Compute", "Sandbox Compute"),
-    UsageBucket.STORAGE: ("GiB-hours", "Storage", "Sandbox Storage"),
-    UsageBucket.EGRESS: ("bytes", "Networking", "Sandbox Egress"),
+# bucket -> (service_category, service_name); units come from schemas.UNIT_OF_BUCKET
+_SERVICE: dict[UsageBucket, tuple[ServiceCategory, str]] = {
+    **{b: (ServiceCategory.AI, "LLM Inference") for b in LLM_BUCKETS},
+    UsageBucket.CPU: (ServiceCategory.COMPUTE, "Sandbox Compute"),
+    UsageBucket.MEMORY: (ServiceCategory.COMPUTE, "Sandbox Compute"),
+    UsageBucket.STORAGE: (ServiceCategory.STORAGE, "Sandbox Storage"),
+    UsageBucket.EGRESS: (ServiceCategory.NETWORKING, "Sandbox Egress"),
 }
 
 
@@ -120,7 +96,9 @@ def to_decimal(value: object, *, what: str = "value") -> Decimal:
         try:
             result = Decimal(value.strip())
         except ArithmeticError:
-            raise ValueError(f'{what} {value!r} is not a decimal number; write it like "2.50"') from None
+            raise ValueError(
+                f'{what} {value!r} is not a decimal number; write it like "2.50"'
+            ) from None
     else:
         raise ValueError(f'{what} must be a decimal number written like "2.50"')
     if not result.is_finite():
@@ -286,7 +264,7 @@ def unit_price_nusd(prices: PriceList, bucket: UsageBucket, model: str = "") -> 
 
 
 def _check_quantity(quantity: object) -> Decimal:
-    if isinstance(quantity, float) or isinstance(quantity, bool):
+    if isinstance(quantity, float | bool):
         raise SchemaError(
             f"quantity {quantity!r} is a {type(quantity).__name__}; pass an int or a Decimal "
             "so no precision is lost"
@@ -318,7 +296,8 @@ def price_usage(
         allowed = ", ".join(x.value for x in UsageBucket)
         raise SchemaError(f"usage bucket {bucket!r} is unknown; use one of: {allowed}") from None
     q = _check_quantity(quantity)
-    unit, category, service = _BUCKET_INFO[b]
+    unit = UNIT_OF_BUCKET[b.value]
+    category, service = _SERVICE[b]
     price = unit_price_nusd(prices, b, model)
     entry = prices.find_model(model) if (b in LLM_BUCKETS and model) else None
     if price is None:
@@ -336,7 +315,7 @@ def price_usage(
         cost_nusd=cost,
         cost_status=status,
         price_version=prices.price_version,
-        service_category=category,
+        service_category=category.value,
         service_name=service,
         model=(entry.name if entry else model.strip()) if b in LLM_BUCKETS else "",
         provider=entry.provider if entry else "",
