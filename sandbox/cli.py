@@ -6,6 +6,8 @@ import json
 
 import click
 
+from sandbox.sandbox_cli import COMMANDS as SANDBOX_COMMANDS
+
 __all__ = ["COMMANDS"]
 
 
@@ -107,4 +109,4 @@ def templates_check(paths: tuple[str, ...]) -> None:
         click.echo(f"ok  {t.name}")
 
 
-COMMANDS: list[click.Command] = [engine_group, images_group, templates_group]
+COMMANDS: list[click.Command] = [engine_group, images_group, templates_group, *SANDBOX_COMMANDS]

@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from accounting.errors import EngineError
 
@@ -17,7 +18,7 @@ DEFAULT_DOCKERD_LOG = "/var/log/sandfleet-dockerd.log"
 Echo = Callable[[str], None]
 
 
-def docker_client(timeout: int = 120):  # type: ignore[no-untyped-def]
+def docker_client(timeout: int = 120) -> Any:
     """A docker SDK client for the local engine, or EngineError naming the fix."""
     import docker
     from docker.errors import DockerException

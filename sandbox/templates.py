@@ -58,7 +58,7 @@ class Template(BaseModel):
     image: str = Field(
         description="Image recipe under configs/images/ (`base` is the Debian rootfs image)."
     )
-    resources: Resources = Field(default_factory=Resources, description="Limits.")
+    resources: Resources = Field(Resources(), description="Limits.")
     timeout: int = Field(600, gt=0, le=7 * 24 * 3600, description="Default timeout, seconds.")
     network_allowlist: tuple[str, ...] = Field(
         (),

@@ -32,7 +32,7 @@ _register()
 def main(argv: list[str] | None = None) -> None:
     """Entry point: sandfleet errors become one clear line and an exit status, not a traceback."""
     try:
-        cli.main(args=argv, prog_name="sandfleet", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="sandfleet", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
@@ -47,3 +47,4 @@ def main(argv: list[str] | None = None) -> None:
     except SandfleetError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

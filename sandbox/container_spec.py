@@ -1,0 +1,135 @@
+"""The hardened container plan: a pure function of (template, task identity, paths).
+
+`container_spec()` returns the docker SDK `containers.create` kwargs of one sandbox;
+nothing here talks to an engine. Every sandbox gets: uid 10001, no capabilities,
+no-new-privileges, the project's seccomp profile, a read-only root, a sized noexec
+`/tmp`, no network, limits on pids / memory (swap = memory) / cpus / open files, no core
+dumps, a private IPC namespace and cgroup namespace, an init process, and the
+`sandfleet.*` labels that let the reaper find it. Never privileged, never a device, a
+port or the Docker socket.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sandbox.seccomp import security_opt
+from sandbox.templates import Template
+
+__all__ = [
+    "AGENT_UID",
+    "LABEL_ATTEMPT",
+    "LABEL_BATCH",
+    "LABEL_MANAGED",
+    "LABEL_OWNER",
+    "LABEL_TASK",
+    "LABEL_TEAM",
+    "LABEL_TEMPLATE",
+    "LOG_MAX_SIZE",
+    "TMP_MOUNT",
+    "WORKSPACE_MOUNT",
+    "container_spec",
+    "sandbox_labels",
+    "sandbox_name",
+]
+
+AGENT_UID = 10001
+TMP_MOUNT = "/tmp"  # noqa: S108 - the sandbox's own tmpfs, not the host's /tmp
+WORKSPACE_MOUNT = "/workspace"
+LOG_MAX_SIZE = "64m"  # per stream file kept by the engine; bounds a runaway `yes`
+
+LABEL_MANAGED = "sandfleet.managed"
+LABEL_BATCH = "sandfleet.batch"
+LABEL_TASK = "sandfleet.task"
+LABEL_ATTEMPT = "sandfleet.attempt"
+LABEL_TEAM = "sandfleet.team"
+LABEL_OWNER = "sandfleet.owner"
+LABEL_TEMPLATE = "sandfleet.template"
+
+_NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
+
+
+def sandbox_labels(
+    *, batch: str, task: str, attempt: int, team: str, owner: str, template: str = ""
+) -> dict[str, str]:
+    """The labels every sandfleet container carries."""
+    labels = {
+        LABEL_MANAGED: "1",
+        LABEL_BATCH: batch,
+        LABEL_TASK: task,
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_TEAM: team,
+        LABEL_OWNER: owner,
+    }
+    if template:
+        labels[LABEL_TEMPLATE] = template
+    return labels
+
+
+def sandbox_name(batch: str, task: str, attempt: int, nonce: str) -> str:
+    """A valid, unique container name: `sf-<batch>-<task>-a<attempt>-<nonce>`."""
+    raw = f"sf-{batch}-{task}-a{attempt}-{nonce}"
+    return _NAME_UNSAFE.sub("_", raw)[:200]
+
+
+def container_spec(
+    template: Template,
+    *,
+    image: str,
+    labels: Mapping[str, str],
+    workspace_host_path: str,
+    name: str,
+    env: Mapping[str, str] | None = None,
+    command: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The docker SDK `containers.create` kwargs of one hardened sandbox.
+
+    `command` defaults to the template's agent command; `env` is layered over the
+    template's env (HOME is /tmp: the root filesystem is read-only).
+    """
+    res = template.resources
+    argv = list(command) if command else list(template.agent_command)
+    if not argv:
+        raise ValueError("a sandbox needs a command")
+    environment = {"HOME": TMP_MOUNT, **template.env, **(env or {})}
+    spec: dict[str, Any] = {
+        "image": image,
+        "command": argv,
+        "name": name,
+        "labels": dict(labels),
+        "hostname": "sandbox",
+        "user": f"{AGENT_UID}:{AGENT_UID}",
+        "working_dir": WORKSPACE_MOUNT,
+        "environment": environment,
+        # privileges
+        "privileged": False,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true", security_opt()],
+        # filesystem
+        "read_only": True,
+        "tmpfs": {TMP_MOUNT: f"rw,noexec,nosuid,nodev,size={res.tmp_size}"},
+        "volumes": {workspace_host_path: {"bind": WORKSPACE_MOUNT, "mode": "rw"}},
+        # network and namespaces
+        "network_mode": "none",
+        "ipc_mode": "private",
+        "cgroupns": "private",
+        "init": True,
+        # limits
+        "pids_limit": res.pids,
+        "mem_limit": res.memory,
+        "memswap_limit": res.memory,
+        "nano_cpus": round(res.cpus * 1e9),
+        "ulimits": [
+            {"Name": "nofile", "Soft": res.nofile, "Hard": res.nofile},
+            {"Name": "core", "Soft": 0, "Hard": 0},
+        ],
+        "log_config": {"type": "json-file", "config": {"max-size": LOG_MAX_SIZE, "max-file": "1"}},
+        # I/O: no tty (keeps stdout and stderr apart), no stdin
+        "tty": False,
+        "stdin_open": False,
+    }
+    if template.runtime != "runc":
+        spec["runtime"] = template.runtime
+    return spec
