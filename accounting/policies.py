@@ -10,12 +10,13 @@ import re
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from accounting.config import configs_dir, load_model
 from accounting.pricing import Usd
+from accounting.units import Bytes, parse_bytes
 
 __all__ = [
     "RULES",
@@ -39,33 +40,6 @@ __all__ = [
     "load_policies",
     "parse_bytes",
 ]
-
-_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_bytes(value: object) -> int:
-    """`8g` / `512m` / `1GiB` / `1048576` -> bytes (binary units, as Docker reads them)."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError("a size must be a number of bytes or a string like '512m' or '8g'")
-    if isinstance(value, int):
-        size = value
-    else:
-        m = _SIZE.match(value)
-        if m is None:
-            raise ValueError(f"{value!r} is not a size; write it like '512m', '8g' or '1GiB'")
-        number, unit = m.group(1), m.group(2).lower()
-        whole, _, frac = number.partition(".")
-        mult = _UNITS[unit]
-        size = int(whole) * mult
-        if frac:
-            size += (int(frac) * mult) // (10 ** len(frac))
-    if size <= 0:
-        raise ValueError(f"a size must be positive, not {value!r}")
-    return size
-
-
-Bytes = Annotated[int, BeforeValidator(parse_bytes)]
 
 
 class _Strict(BaseModel):

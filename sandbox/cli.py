@@ -61,8 +61,8 @@ def templates_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def templates_list(as_json: bool) -> None:
     """Every template with its image and limits."""
+    from accounting.units import format_bytes
     from sandbox.templates import list_templates
-    from sandbox.units import format_bytes
 
     templates = list_templates()
     if as_json:

@@ -52,11 +52,11 @@ def sandbox_run(
     """
     from accounting.errors import ConfigError
     from accounting.paths import resolve_data_dir
+    from accounting.units import format_bytes
     from sandbox.attempt import run_attempt_in_sandbox
     from sandbox.docker_backend import DockerBackend
     from sandbox.images import image_ref
     from sandbox.templates import load_template
-    from sandbox.units import format_bytes
 
     if workspace_dir and repo:
         raise ConfigError("give --workspace or --repo, not both")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from accounting.config import configs_dir, load_model
 from accounting.errors import ConfigError
-from sandbox.units import parse_bytes
+from accounting.units import Bytes, parse_bytes
 
 __all__ = [
     "Resources",
@@ -24,7 +24,6 @@ __all__ = [
     "templates_dir",
 ]
 
-Bytes = Annotated[int, BeforeValidator(parse_bytes)]
 _HOST = re.compile(
     r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*(:\d{1,5})?$"
 )
