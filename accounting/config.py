@@ -19,6 +19,7 @@ from accounting.errors import ConfigError
 __all__ = ["configs_dir", "describe_validation_error", "load_model", "read_yaml", "repo_root"]
 
 M = TypeVar("M", bound=BaseModel)
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _FIXES = {
     "missing": "add it",
@@ -65,7 +66,7 @@ def read_yaml(path: Path) -> Any:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror} (fix: check the path)") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_LOADER)  # noqa: S506 - a safe loader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark is not None else ""
