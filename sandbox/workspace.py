@@ -235,6 +235,13 @@ def _fill(
     else:
         notes.append("no tmpfs (not root, or turned off): the workspace size is not capped")
     env = _isolated_env(root)
+    if repo is not None and _is_plain_dir(repo):
+        if ref is not None:
+            raise WorkspaceError(
+                f"repo {repo}: a plain directory has no ref {ref!r}; fix: drop the ref, "
+                "or make the directory a git repository (`git init && git commit`)"
+            )
+        repo, copy_from = None, repo
     if repo is not None:
         source = str(Path(repo).resolve()) if Path(repo).exists() else repo
         base = _checkout(source, ref, path, git_dir, env)
@@ -252,6 +259,14 @@ def _fill(
     if note:
         notes.append(note)
     return Workspace(root, path, git_dir, base, source, ref, capped, tuple(notes))
+
+
+def _is_plain_dir(repo: str) -> bool:
+    """A local directory that is not a git repository (a work tree or a bare one)."""
+    p = Path(repo)
+    if "://" in repo or not p.is_dir():
+        return False
+    return not ((p / ".git").exists() or ((p / "HEAD").is_file() and (p / "objects").is_dir()))
 
 
 def _checkout(source: str, ref: str | None, path: Path, git_dir: Path, env: dict[str, str]) -> str:

@@ -219,3 +219,28 @@ def test_as_non_root_the_workspace_is_world_writable_and_says_so(
         assert any("world-writable" in note for note in ws.notes)
     finally:
         remove_workspace(ws.root)
+
+
+def test_a_plain_directory_as_repo_is_snapshotted_like_a_workspace(tmp_path: Path) -> None:
+    src = tmp_path / "plain"
+    src.mkdir()
+    (src / "hello.txt").write_text("hi\n")
+    ws = prepare_workspace(
+        tmp_path / "data", batch="b", task="t", attempt=1, owner="o",
+        size_bytes=1 << 20, repo=str(src), use_tmpfs=False,
+    )  # fmt: skip
+    try:
+        assert (ws.path / "hello.txt").read_text() == "hi\n"
+        assert ws.source == str(src.resolve())
+    finally:
+        remove_workspace(ws.root)
+
+
+def test_a_ref_on_a_plain_directory_is_refused_with_the_fix(tmp_path: Path) -> None:
+    src = tmp_path / "plain"
+    src.mkdir()
+    with pytest.raises(WorkspaceError, match=r"plain directory has no ref 'main'; fix"):
+        prepare_workspace(
+            tmp_path / "data", batch="b", task="t", attempt=1, owner="o",
+            size_bytes=1 << 20, repo=str(src), ref="main", use_tmpfs=False,
+        )  # fmt: skip
