@@ -26,8 +26,17 @@ engine: venv
 images: venv engine
 	@$(SF) images build
 
+# Until the demo batch lands (issue 7): one real task in a `python` sandbox, then its
+# collected diff and archive.
+DEMO_TASK := textstats-$(shell date +%Y%m%dT%H%M%S)
 demo: setup
-	@$(SF) demo
+	@echo "== sandfleet sandbox run --template python --repo configs/demo/textstats"
+	@$(SF) sandbox run --template python --repo configs/demo/textstats \
+		--batch demo --task $(DEMO_TASK) -- sh -c "$$(cat configs/demo/fix-textstats.sh)"
+	@echo "== archive: sandfleet-data/archive/demo/$(DEMO_TASK)/1"
+	@ls -l sandfleet-data/archive/demo/$(DEMO_TASK)/1
+	@echo "== diff.patch"
+	@cat sandfleet-data/archive/demo/$(DEMO_TASK)/1/diff.patch
 
 test: setup
 	@$(VENV)/bin/pytest tests/ $(PYTEST_ARGS)
