@@ -1,0 +1,318 @@
+"""Which host process belongs to which sandbox, and the command each one runs.
+
+`ProcessTable` is the state machine behind command capture: fed fork / exec / exit
+events (from the connector, `sandbox.proc_events`), it tells each watched container's
+`CommandStarted` / `CommandFinished` / `ContainerEmpty` records apart from the rest of
+the host. Pure given a `ProcReader`, so it is tested with a fake /proc.
+
+A process belongs to a container when its parent does (fork events, tracked from the
+container's first process on), or when `/proc/<pid>/cgroup` names the container at
+exec time (a `docker exec`, whose parent is the engine's shim). A process already gone
+when its exec is handled is placed by its tracked ancestors; argv is read from
+`/proc/<pid>/cmdline`, or a zombie's `comm` name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final, Protocol
+
+__all__ = [
+    "EV_EXEC",
+    "EV_EXIT",
+    "EV_FORK",
+    "CaptureMode",
+    "CommandFinished",
+    "CommandStarted",
+    "ContainerEmpty",
+    "ProcEvent",
+    "ProcReader",
+    "ProcessTable",
+    "Record",
+    "SysProcReader",
+    "container_id_of",
+    "decode_exit",
+    "record_from_json",
+    "record_to_json",
+]
+
+EV_FORK: Final = 0x00000001
+EV_EXEC: Final = 0x00000002
+EV_EXIT: Final = 0x80000000
+
+_CHUNK: Final = 65536
+_CONTAINER_ID = re.compile(r"(?:^|/)(?:docker-)?([0-9a-f]{64})(?:\.scope)?(?:/|$)")
+
+
+class CaptureMode(StrEnum):
+    """How commands were captured: every exec (netlink), or what a poll happened to see."""
+
+    NETLINK = "netlink"
+    POLL = "poll"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcEvent:
+    """One connector event. `pid`/`tgid` are the process the event is about."""
+
+    what: int
+    timestamp_ns: int
+    pid: int
+    tgid: int
+    parent_tgid: int = 0  # fork: the parent's tgid
+    exit_status: int = 0  # exit: the raw wait status (see decode_exit)
+
+
+def decode_exit(status: int) -> int:
+    """A raw wait status as an exit code: the code, or minus the signal that killed it."""
+    sig = status & 0x7F
+    return -sig if sig else (status >> 8) & 0xFF
+
+
+def container_id_of(cgroup_text: str) -> str | None:
+    """The Docker container id named in a `/proc/<pid>/cgroup` file, or None (host)."""
+    for line in cgroup_text.splitlines():
+        m = _CONTAINER_ID.search(line.rpartition(":")[2])
+        if m:
+            return m.group(1)
+    return None
+
+
+# -- what subscribers receive ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CommandStarted:
+    """A process inside the sandbox executed a program."""
+
+    pid: int
+    ppid: int
+    argv: tuple[str, ...]
+    mono_ns: int
+    mode: CaptureMode
+
+
+@dataclass(frozen=True, slots=True)
+class CommandFinished:
+    """A command ended: it exited (`exit` set) or executed another program (`exit` None)."""
+
+    pid: int
+    ppid: int
+    argv: tuple[str, ...]
+    start_mono_ns: int
+    mono_ns: int
+    exit: int | None
+    mode: CaptureMode
+
+    @property
+    def duration_ms(self) -> int:
+        return max(0, self.mono_ns - self.start_mono_ns) // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerEmpty:
+    """The last known process of the container exited (a good moment for a last sample)."""
+
+    mono_ns: int
+
+
+Record = CommandStarted | CommandFinished | ContainerEmpty
+
+
+# -- reading /proc ------------------------------------------------------------------------
+
+
+class ProcReader(Protocol):
+    """The few /proc reads the tracker needs; None when the process is gone."""
+
+    def cmdline(self, pid: int) -> tuple[str, ...] | None: ...
+
+    def cgroup(self, pid: int) -> str | None: ...
+
+    def ppid(self, pid: int) -> int | None: ...
+
+
+class SysProcReader:
+    """`ProcReader` on the real /proc."""
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self.proc = proc
+
+    def _read(self, pid: int, name: str) -> bytes | None:
+        try:  # os-level calls: open, read, close and nothing else (this runs per exec)
+            fd = os.open(f"{self.proc}/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        try:
+            chunks = [os.read(fd, _CHUNK)]
+            while len(chunks[-1]) == _CHUNK:
+                chunks.append(os.read(fd, _CHUNK))
+            return b"".join(chunks)
+        except ProcessLookupError:  # exited between open and read
+            return None
+        finally:
+            os.close(fd)
+
+    def cmdline(self, pid: int) -> tuple[str, ...] | None:
+        raw = self._read(pid, "cmdline")
+        if raw:
+            return tuple(a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0"))
+        comm = self._read(pid, "comm")  # a zombie keeps its comm, not its cmdline
+        return (comm.decode("utf-8", "replace").rstrip("\n"),) if comm else None
+
+    def cgroup(self, pid: int) -> str | None:
+        raw = self._read(pid, "cgroup")
+        return raw.decode("utf-8", "replace") if raw is not None else None
+
+    def ppid(self, pid: int) -> int | None:
+        raw = self._read(pid, "stat")
+        if not raw:
+            return None
+        fields = raw[raw.rfind(b")") + 2 :].split()
+        return int(fields[1]) if len(fields) > 1 else None
+
+
+# -- the state machine (pure, given a reader) -----------------------------------------
+
+
+@dataclass(slots=True)
+class _Running:
+    argv: tuple[str, ...]
+    ppid: int
+    start_ns: int
+
+
+class ProcessTable:
+    """Which host process belongs to which watched container, and its running command.
+
+    `feed(event)` returns `(container_id, record)` pairs. Not thread-safe: one reader
+    thread feeds it; `watch` / `unwatch` are called under the hub's lock.
+    """
+
+    _MAX_CHAIN = 16
+
+    def __init__(self, reader: ProcReader, mode: CaptureMode = CaptureMode.NETLINK) -> None:
+        self.reader = reader
+        self.mode = mode
+        self.parent: dict[int, int] = {}  # every forked host process -> parent tgid
+        self.owner: dict[int, str] = {}  # member process -> container id
+        self.running: dict[int, _Running] = {}
+        self.members: dict[str, set[int]] = {}  # container id -> its live processes
+
+    def watch(self, container_id: str, pids: list[int] | None = None) -> None:
+        """Start watching a container; `pids` are its processes that already exist."""
+        self.members.setdefault(container_id, set())
+        for pid in pids or ():
+            self._join(pid, container_id)
+
+    def unwatch(self, container_id: str) -> None:
+        for pid in self.members.pop(container_id, set()):
+            self.owner.pop(pid, None)
+            self.running.pop(pid, None)
+
+    def _join(self, pid: int, cid: str) -> None:
+        self.owner[pid] = cid
+        self.members[cid].add(pid)
+
+    def feed(self, ev: ProcEvent) -> list[tuple[str, Record]]:
+        if ev.what == EV_FORK:
+            if ev.pid == ev.tgid:  # a new process, not a thread
+                self.parent[ev.tgid] = ev.parent_tgid
+                cid = self.owner.get(ev.parent_tgid)
+                if cid is not None:
+                    self._join(ev.tgid, cid)
+            return []
+        if ev.what == EV_EXEC:
+            return self._exec(ev)
+        if ev.what == EV_EXIT and ev.pid == ev.tgid:
+            return self._exit(ev)
+        return []
+
+    def _exec(self, ev: ProcEvent) -> list[tuple[str, Record]]:
+        pid = ev.tgid
+        cid = self.owner.get(pid)
+        argv: tuple[str, ...] | None = None
+        if cid is None:
+            if not self.members:
+                return []
+            text = self.reader.cgroup(pid)
+            cid = container_id_of(text) if text is not None else self._by_chain(pid)
+            if cid not in self.members:
+                return []
+            argv = self.reader.cmdline(pid)
+            self._join(pid, cid)
+        else:
+            argv = self.reader.cmdline(pid)
+        ppid = self.parent.get(pid)
+        if ppid is None:
+            ppid = self.reader.ppid(pid) or 0
+        out: list[tuple[str, Record]] = []
+        prev = self.running.pop(pid, None)
+        if prev is not None:
+            out.append((cid, self._finished(pid, prev, ev.timestamp_ns, None)))
+        self.running[pid] = _Running(argv or (), ppid, ev.timestamp_ns)
+        out.append((cid, CommandStarted(pid, ppid, argv or (), ev.timestamp_ns, self.mode)))
+        return out
+
+    def _by_chain(self, pid: int) -> str | None:
+        """A process gone before its cgroup was read: the container of its ancestors."""
+        for _ in range(self._MAX_CHAIN):
+            pid = self.parent.get(pid, 0)
+            if pid <= 1:
+                return None
+            if pid in self.owner:
+                return self.owner[pid]
+        return None
+
+    def _exit(self, ev: ProcEvent) -> list[tuple[str, Record]]:
+        pid = ev.tgid
+        self.parent.pop(pid, None)
+        cid = self.owner.pop(pid, None)
+        if cid is None:
+            return []
+        out: list[tuple[str, Record]] = []
+        run = self.running.pop(pid, None)
+        if run is not None:
+            out.append(
+                (cid, self._finished(pid, run, ev.timestamp_ns, decode_exit(ev.exit_status)))
+            )
+        members = self.members.get(cid)
+        if members is not None:
+            members.discard(pid)
+            if not members:
+                out.append((cid, ContainerEmpty(ev.timestamp_ns)))
+        return out
+
+    def _finished(self, pid: int, run: _Running, end_ns: int, code: int | None) -> CommandFinished:
+        return CommandFinished(pid, run.ppid, run.argv, run.start_ns, end_ns, code, self.mode)
+
+
+# -- records between the reader process and its parent (one JSON object per line) ----
+
+
+def record_to_json(container_id: str, rec: Record) -> dict[str, Any]:
+    """One record as the reader process writes it (a JSON object per line)."""
+    if isinstance(rec, CommandStarted):
+        return {"t": "start", "cid": container_id, "pid": rec.pid, "ppid": rec.ppid,
+                "argv": list(rec.argv), "ns": rec.mono_ns}  # fmt: skip
+    if isinstance(rec, CommandFinished):
+        return {"t": "end", "cid": container_id, "pid": rec.pid, "ppid": rec.ppid,
+                "argv": list(rec.argv), "start_ns": rec.start_mono_ns, "ns": rec.mono_ns,
+                "exit": rec.exit}  # fmt: skip
+    return {"t": "empty", "cid": container_id, "ns": rec.mono_ns}
+
+
+def record_from_json(obj: dict[str, Any]) -> tuple[str, Record]:
+    """The inverse of `record_to_json`."""
+    cid, kind, mode = obj["cid"], obj["t"], CaptureMode.NETLINK
+    if kind == "start":
+        return cid, CommandStarted(obj["pid"], obj["ppid"], tuple(obj["argv"]), obj["ns"], mode)
+    if kind == "end":
+        argv = tuple(obj["argv"])
+        rec = CommandFinished(obj["pid"], obj["ppid"], argv, obj["start_ns"], obj["ns"],
+                              obj["exit"], mode)  # fmt: skip
+        return cid, rec
+    return cid, ContainerEmpty(obj["ns"])
