@@ -6,7 +6,7 @@ SF := $(VENV)/bin/sandfleet
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench venv engine images clean
+.PHONY: setup demo test lint bench venv engine images test-deps clean
 
 setup: venv engine images
 
@@ -38,7 +38,16 @@ demo: setup
 	@echo "== diff.patch"
 	@cat sandfleet-data/archive/demo/$(DEMO_TASK)/1/diff.patch
 
-test: setup
+# Engines the tests start themselves: a real Prometheus and a headless Chromium.
+TEST_PACKAGES := prometheus chromium
+test-deps:
+	@missing=""; for p in $(TEST_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "setup: apt-get install$$missing (test engines)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null; \
+	fi
+
+test: setup test-deps
 	@$(VENV)/bin/pytest tests/ $(PYTEST_ARGS)
 
 lint: venv

@@ -122,6 +122,8 @@ class AnomalyRule(_Strict):
 class RepeatedCommandRule(AnomalyRule):
     """(1) The same command started >= min_repeats times within window_minutes."""
 
+    action: Action = Field(default=Action.STOP, description="A loop stops the attempt.")
+
     min_repeats: int = Field(default=10, ge=2, description="Starts of one command that fire.")
     window_minutes: float = Field(default=5, gt=0, description="Sliding window length.")
     normalize_numbers: bool = Field(default=True, description="Treat 1, 42 and 0xff as equal.")
@@ -177,6 +179,8 @@ class DeniedEgressRule(AnomalyRule):
 class SensitiveFilesRule(AnomalyRule):
     """(7) Credential paths touched; persistence / CI / shell-rc files written."""
 
+    action: Action = Field(default=Action.STOP, description="Reaching for credentials stops it.")
+
     credential_patterns: list[str] = Field(
         default_factory=lambda: [
             r"(^|/)\.ssh/(id_[^/]*|authorized_keys)$",
@@ -213,6 +217,8 @@ class SensitiveFilesRule(AnomalyRule):
 
 class StuckRule(AnomalyRule):
     """(8) Running with no command, file or LLM event for idle_minutes."""
+
+    action: Action = Field(default=Action.ESCALATE, description="A person looks at it.")
 
     idle_minutes: float = Field(default=15, gt=0, description="Quiet minutes that fire.")
 

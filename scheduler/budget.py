@@ -210,7 +210,7 @@ class BudgetBook:
                 self._hold(res, +1)
                 self._open[res.id] = res
         if refused:
-            self._emit(EventKind.BUDGET_REFUSED, ref, binding, cap, min_nusd, "")
+            self._emit(EventKind.BUDGET_REFUSED, ref, binding, cap, min_nusd, "", kind)
             raise CapReached(
                 f"budget cap reached: {binding} {bkey} cap {format_usd(cap)} (spent "
                 f"{format_usd(spent)}, reserved {format_usd(held)}); this call needs at least "
@@ -219,7 +219,7 @@ class BudgetBook:
                 cap=binding,
                 key=bkey,
             )
-        self._emit(EventKind.BUDGET_RESERVED, ref, binding, cap, amount, res.id)
+        self._emit(EventKind.BUDGET_RESERVED, ref, binding, cap, amount, res.id, res.kind)
         return res
 
     def _hold(self, res: Reservation, sign: int) -> None:
@@ -244,7 +244,7 @@ class BudgetBook:
             res = self._take(reservation_id)
             for k in res.keys:
                 self._spent[k] = self._spent.get(k, 0) + actual_nusd
-        self._emit(EventKind.BUDGET_SETTLED, res.ref, "task", None, actual_nusd, res.id)
+        self._emit(EventKind.BUDGET_SETTLED, res.ref, "task", None, actual_nusd, res.id, res.kind)
         return res
 
     def release(self, reservation_id: str) -> None:
@@ -258,7 +258,7 @@ class BudgetBook:
         with self._lock:
             for k in self._keys(ref):
                 self._spent[k] = self._spent.get(k, 0) + amount_nusd
-        self._emit(EventKind.BUDGET_SETTLED, ref, "task", None, amount_nusd, kind)
+        self._emit(EventKind.BUDGET_SETTLED, ref, "task", None, amount_nusd, kind, kind)
 
     def lease_compute(
         self, ref: AttemptRef, rate_nusd_per_s: Decimal, seconds: int, *, min_seconds: int = 1
@@ -293,11 +293,26 @@ class BudgetBook:
         return self.lease_compute(lease.ref, lease.rate_nusd_per_s, seconds)
 
     def _emit(
-        self, kind: EventKind, ref: AttemptRef, scope: str, cap: int | None, amount: int, rid: str
+        self,
+        kind: EventKind,
+        ref: AttemptRef,
+        scope: str,
+        cap: int | None,
+        amount: int,
+        rid: str,
+        usage: str,
     ) -> None:
+        """One budget event; `usage` (llm, compute, egress) lets the stuck rule tell an LLM
+        call in flight from a compute lease."""
         if self._on_event is None:
             return
-        payload = {"scope": scope, "cap": cap, "amount_nusd": amount, "reservation": rid}
+        payload = {
+            "scope": scope,
+            "cap": cap,
+            "amount_nusd": amount,
+            "reservation": rid,
+            "kind": usage,
+        }
         self._on_event(
             Event(
                 time=datetime.now(UTC),

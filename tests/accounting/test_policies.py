@@ -113,8 +113,8 @@ def test_money_is_an_exact_decimal_never_a_float(tmp_path: Path) -> None:
         (lambda d: d["task"].update(budget_usd="lots"), "task.budget_usd", '"2.50"'),
         (lambda d: d["defaults"].update(daily_usd="-5"), "defaults.daily_usd", ">= 0"),
         (
-            lambda d: d["anomalies"]["stuck"].update(webhook="https://hooks.example/x"),
-            "anomalies.stuck",
+            lambda d: d["anomalies"]["cpu_pegged"].update(webhook="https://hooks.example/x"),
+            "anomalies.cpu_pegged",
             "only used with action: escalate",
         ),
         (
