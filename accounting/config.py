@@ -54,6 +54,11 @@ def describe_validation_error(err: ValidationError, *, where: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "value_error":
+            # sandfleet's own validators say what to write; no generic fix is needed.
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            lines.append(f"{where}: {loc}: {msg}")
+            continue
         fix = _FIXES.get(e["type"], "see the field's description in the docs")
         lines.append(f"{where}: {loc}: {e['msg']} (fix: {fix})")
     return "\n".join(lines)

@@ -134,8 +134,11 @@ def test_flush_by_size_writes_without_being_asked(data_dir: Path) -> None:
 def test_flush_by_time_happens_in_the_background(data_dir: Path) -> None:
     with LedgerWriter(data_dir, flush_rows=10**6, flush_interval_s=0.05) as w:
         w.append("events", events(5))
-        wait_for(lambda: len(segments(data_dir, "events")) == 1, "the timed flush")
-        assert w.rows_durable == 5
+        # the file appears on rename, the count just after: wait for both
+        wait_for(
+            lambda: len(segments(data_dir, "events")) == 1 and w.rows_durable == 5,
+            "the timed flush",
+        )
 
 
 def test_checkpoints_are_written_also_when_idle(data_dir: Path) -> None:
