@@ -64,7 +64,8 @@ def recipe_names() -> list[str]:
 
 
 def _hash_tree(root: Path, h: hashlib._Hash) -> None:
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    files = (p for p in root.rglob("*") if p.is_file())
+    for path in sorted(p for p in files if "__pycache__" not in p.parts and p.suffix != ".pyc"):
         h.update(str(path.relative_to(root)).encode() + b"\0")
         h.update(path.read_bytes() + b"\0")
 
