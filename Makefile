@@ -56,7 +56,8 @@ lint: venv
 	@$(VENV)/bin/mypy scheduler sandbox accounting
 
 bench: setup
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
+	@# -P: a bench named like a package (bench/scheduler.py) must not shadow it
+	@for b in bench/*.py; do echo "== $$b"; $(PY) -P $$b --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) sandfleet-data .pytest_cache

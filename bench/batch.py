@@ -1,0 +1,171 @@
+"""Batch makespan: N real sandboxed tasks through `sandfleet run` vs `xargs -P` of raw
+`docker run` with the same image and flags.
+
+Both run `true` in the minimal template's sandbox, P at a time (P = this machine's CPUs):
+
+- sandfleet: `sandfleet run BATCH --slots P --json` as a subprocess (an embedded Ray is
+  started and stopped inside it). Each attempt also prepares a workspace (copied from an
+  empty folder), follows the logs, collects the diff, archives, and writes its ledger
+  rows. Two makespans: `wall` (the whole command, Ray's start included) and `batch`
+  (from the `batch_submitted` event to the last terminal state, from the ledger).
+- baseline: `xargs -P P` running `docker run --rm` with the CLI flags equivalent to the
+  same container spec (bench/sandbox_start.py's `docker_run_argv`), each with its own
+  empty workspace folder.
+
+Ratio = sandfleet makespan / baseline makespan. Target <= 1.10 (on the batch makespan).
+
+    .venv/bin/python bench/batch.py [--quick] [--tasks N]
+
+Ends with one JSON line of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+# This folder also holds bench/scheduler.py: `import scheduler` must find the package.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import yaml  # noqa: E402
+
+from sandbox.container_spec import container_spec, sandbox_labels, sandbox_name  # noqa: E402
+from sandbox.images import image_ref  # noqa: E402
+from sandbox.liveness import current_owner  # noqa: E402
+from sandbox.templates import load_template  # noqa: E402
+
+TARGET = 1.10
+
+
+def _docker_run_argv() -> Any:
+    spec = importlib.util.spec_from_file_location("sandbox_start", _HERE / "sandbox_start.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.docker_run_argv
+
+
+def baseline(n: int, parallel: int, work: Path) -> float:
+    """Makespan of `xargs -P parallel` over n raw `docker run ... true`."""
+    docker_run_argv = _docker_run_argv()
+    template = load_template("minimal")
+    image = image_ref(template.image)
+    batch = f"bench-raw-{uuid.uuid4().hex[:8]}"
+    lines = []
+    for i in range(n):
+        workspace = work / "raw" / f"t{i}"
+        workspace.mkdir(parents=True)
+        workspace.chmod(0o777)
+        labels = sandbox_labels(batch=batch, task=f"t{i}", attempt=1, team="bench",
+                                owner=current_owner().token(), template=template.name)  # fmt: skip
+        spec = container_spec(template, image=image, labels=labels,
+                              workspace_host_path=str(workspace),
+                              name=sandbox_name(batch, f"t{i}", 1, uuid.uuid4().hex[:6]),
+                              command=["true"])  # fmt: skip
+        lines.append(shlex.join(docker_run_argv(spec)))
+    script = work / "raw.txt"
+    script.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    with script.open() as commands:
+        done = subprocess.run(
+            ["xargs", "-P", str(parallel), "-d", "\n", "-n", "1", "sh", "-c"],
+            stdin=commands, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"xargs docker run failed ({done.returncode}): {done.stderr[-2000:]}")
+    return elapsed
+
+
+def through_sandfleet(n: int, parallel: int, work: Path) -> dict[str, float]:
+    """Makespans of `sandfleet run` over n tasks of `true`: whole command, and batch only."""
+    empty = work / "empty"
+    empty.mkdir(parents=True)
+    batch_file = work / "bench.yaml"
+    batch_file.write_text(yaml.safe_dump({
+        "name": f"bench-{uuid.uuid4().hex[:8]}",
+        "team": "bench",
+        "defaults": {"template": "minimal", "timeout": 120, "max_attempts": 1},
+        "tasks": [{"id": f"t{i:04d}", "repo": str(empty), "command": ["true"]} for i in range(n)],
+    }))  # fmt: skip
+    data_dir = work / "data"
+    ray_tmp = tempfile.mkdtemp(prefix="sfray-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    sandfleet = str(Path(sys.executable).parent / "sandfleet")
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [sandfleet, "run", str(batch_file), "--data-dir", str(data_dir),
+             "--slots", str(parallel), "--json"],
+            env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    finally:
+        wall = time.perf_counter() - start
+        from scheduler.testing import kill_leftovers
+
+        kill_leftovers(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    if done.returncode != 0:
+        sys.exit(f"sandfleet run exited {done.returncode}: {done.stderr[-2000:]}")
+    report = json.loads(done.stdout)
+    from accounting.views import connect
+
+    with connect(data_dir) as con:
+        (span,) = con.execute(
+            "SELECT epoch(max(time) FILTER (WHERE kind = 'task_state' AND "
+            "json_extract_string(payload, '$.state') = 'succeeded')) - "
+            "epoch(min(time) FILTER (WHERE kind = 'batch_submitted')) FROM events"
+        ).fetchone() or (None,)
+    assert report["states"] == {"succeeded": n}, report
+    return {"wall_s": wall, "batch_s": float(span)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="10 tasks (a smoke run).")
+    parser.add_argument("--tasks", type=int, help="Tasks (default 40; --quick: 10).")
+    args = parser.parse_args()
+    n = args.tasks or (10 if args.quick else 40)
+    parallel = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="sf-bench-batch-") as tmp:
+        work = Path(tmp)
+        baseline(min(n, 4), parallel, work / "warm")  # warm the engine for both
+        raw = baseline(n, parallel, work / "b")
+        fleet = through_sandfleet(n, parallel, work / "s")
+    ratio_batch = fleet["batch_s"] / raw
+    ratio_wall = fleet["wall_s"] / raw
+    print(f"{n} tasks, {parallel} at a time: xargs docker run {raw:.2f}s; sandfleet run "
+          f"{fleet['wall_s']:.2f}s wall ({ratio_wall:.2f}x), {fleet['batch_s']:.2f}s batch "
+          f"({ratio_batch:.2f}x; target <= {TARGET})")  # fmt: skip
+    figures = {
+        "bench": "batch",
+        "quick": args.quick,
+        "tasks": n,
+        "parallel": parallel,
+        "xargs_docker_run_s": round(raw, 3),
+        "sandfleet_wall_s": round(fleet["wall_s"], 3),
+        "sandfleet_batch_s": round(fleet["batch_s"], 3),
+        "ratio_batch": round(ratio_batch, 3),
+        "ratio_wall": round(ratio_wall, 3),
+        "target": TARGET,
+        "ok": ratio_batch <= TARGET,
+    }
+    print(json.dumps(figures, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

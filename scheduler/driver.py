@@ -1,0 +1,317 @@
+"""The driver: validate a batch, connect to (or start) a Ray cluster, run it to the end.
+
+`prepare` does every check that can refuse a batch without starting anything (the spec,
+its templates and images, the team's quotas, a batch already in the ledger): a
+`ConfigError`, which the CLI turns into exit status 2. `connect` joins the cluster at
+`--address`, or starts an embedded local one (`ray.init(address="local", num_cpus=<this
+machine's CPUs>, resources={"sandbox_slots": N})`) that it shuts down afterwards.
+`run` and `resume` hand the batch to the `FleetScheduler` and follow it to the end,
+calling `on_progress` with each status snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from accounting.errors import ConfigError, SandfleetError, SchedulerError
+from accounting.policies import Policies, load_policies
+from scheduler.plan import Backend, Plan, plan_batch
+
+__all__ = [
+    "BOOTSTRAP_CONFIG",
+    "Cluster",
+    "Settings",
+    "cancel",
+    "connect",
+    "exit_code",
+    "job_request",
+    "live_status",
+    "prepare",
+    "resume",
+    "run",
+]
+
+_CANCEL_WAIT_S: Final = 90.0
+
+BOOTSTRAP_CONFIG: Final = Path("~/ray_bootstrap_config.yaml")
+"""Where `ray up` leaves the cluster's config on the head (the autoscaler's maximum)."""
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to run: where the ledger is, which cluster, which backend, which policies."""
+
+    data_dir: str
+    address: str | None = None
+    backend: Backend = Backend.DOCKER
+    policies_path: str | None = None
+    slots: int | None = None  # embedded cluster: sandbox slots (default: CPUs)
+    max_slots: int | None = None  # autoscaling cap (default: cluster config, else cluster size)
+    cluster_config: str | None = None
+    poll_s: float = 0.5
+
+
+def _policies(settings: Settings) -> Policies:
+    return load_policies(settings.policies_path) if settings.policies_path else load_policies()
+
+
+def prepare(batch_path: str | os.PathLike[str], settings: Settings) -> Plan:
+    """Validate and plan a batch file; refuse (ConfigError) a batch already in the ledger."""
+    from scheduler.spec import load_batch
+
+    spec = load_batch(batch_path)
+    plan = plan_batch(spec, backend=settings.backend, policies=_policies(settings))
+    if Path(settings.data_dir, "ledger").exists():
+        from scheduler.history import submitted_batches
+
+        if submitted_batches(settings.data_dir, plan.batch_id):
+            raise ConfigError(
+                f"{batch_path}: batch {plan.batch_id} is already in the ledger under "
+                f"{settings.data_dir} (fix: `sandfleet resume {plan.batch_id}` to finish it, "
+                "`sandfleet status` to see it, or change the batch's name to run it anew)"
+            )
+    return plan
+
+
+def _max_slots(settings: Settings) -> int | None:
+    from scheduler.autoscale import cluster_max_slots, load_cluster_config
+
+    if settings.max_slots is not None:
+        return settings.max_slots
+    path = settings.cluster_config or os.environ.get("SANDFLEET_CLUSTER_CONFIG")
+    if path is None and BOOTSTRAP_CONFIG.expanduser().exists():
+        path = str(BOOTSTRAP_CONFIG.expanduser())
+    return cluster_max_slots(load_cluster_config(path)) if path else None
+
+
+@dataclass
+class Cluster:
+    """A connection to a Ray cluster and the sandfleet actors on it."""
+
+    embedded: bool
+    ledger: Any
+    scheduler: Any
+
+
+@contextlib.contextmanager
+def connect(settings: Settings) -> Iterator[Cluster]:
+    """Join `settings.address` (or an already connected Ray), else start an embedded one."""
+    import ray
+
+    from scheduler.autoscale import SLOT_RESOURCE
+    from scheduler.fleet import get_scheduler
+    from scheduler.ledger_actor import NAMESPACE, get_ledger
+
+    started = embedded = False
+    if not ray.is_initialized():
+        if settings.address:
+            ray.init(address=settings.address, namespace=NAMESPACE, log_to_driver=False)
+        else:
+            cpus = os.cpu_count() or 1
+            ray.init(
+                address="local",
+                num_cpus=cpus,
+                resources={SLOT_RESOURCE: settings.slots or cpus},
+                namespace=NAMESPACE,
+                include_dashboard=False,
+                log_to_driver=False,
+            )
+            embedded = True
+        started = True
+    cluster: Cluster | None = None
+    try:
+        ledger = get_ledger(settings.data_dir)
+        scheduler = get_scheduler(
+            settings.data_dir, policies=_policies(settings), max_slots=_max_slots(settings)
+        )
+        cluster = Cluster(embedded, ledger, scheduler)
+        yield cluster
+    except BaseException:
+        if cluster is not None:
+            try:
+                _close(cluster)
+            except Exception:  # the error in flight matters more; this one is logged
+                log.exception("closing the sandfleet actors after an error failed")
+        raise
+    else:
+        if cluster is not None:
+            _close(cluster)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _close(cluster: Cluster) -> None:
+    """Flush the ledger; on an embedded cluster also stop the scheduler and close the ledger."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    if cluster.embedded:
+        try:
+            ray.get(cluster.scheduler.close.remote())
+        except RayActorError:  # a dead scheduler has nothing left to stop
+            log.warning("the scheduler was already gone when the driver stopped it")
+        ray.get(cluster.ledger.close.remote())
+    else:
+        ray.get(cluster.ledger.flush.remote())
+
+
+def _follow(cluster: Cluster, batch_id: str, settings: Settings, on_progress: Progress) -> dict:
+    """Follow the batch to the end. Interrupted (Ctrl-C) on an embedded cluster, cancel it
+    first, so its sandboxes are removed before the cluster goes; on a shared cluster the
+    batch goes on (`sandfleet status`, `sandfleet cancel`)."""
+    try:
+        return _poll(cluster, batch_id, settings, on_progress)
+    except KeyboardInterrupt:
+        if cluster.embedded:
+            log.warning("interrupted: cancelling batch %s before stopping", batch_id)
+            _get(cluster.scheduler.cancel.remote(batch_id))
+            _get(cluster.scheduler.wait.remote(batch_id, _CANCEL_WAIT_S))
+        else:
+            log.warning("interrupted: batch %s goes on in the cluster (sandfleet status %s)",
+                        batch_id, batch_id)  # fmt: skip
+        raise
+
+
+def _poll(cluster: Cluster, batch_id: str, settings: Settings, on_progress: Progress) -> dict:
+    from ray.exceptions import RayActorError
+
+    while True:
+        try:
+            status = _get(cluster.scheduler.wait.remote(batch_id, settings.poll_s))
+        except RayActorError as e:
+            raise SchedulerError(
+                f"the scheduler died while running batch {batch_id} ({e}) (fix: `sandfleet "
+                f"resume {batch_id}` finishes it from the ledger)"
+            ) from None
+        batch = status["batches"].get(batch_id)
+        if batch is None:  # the actor was restarted and lost its memory: rebuild from the ledger
+            status = _get(cluster.scheduler.resume.remote(batch_id, None))
+            batch = status["batches"][batch_id]
+        on_progress(status)
+        if status.get("fault"):
+            raise SchedulerError(f"the scheduler stopped: {status['fault']}")
+        if batch["done"]:
+            return batch
+
+
+def run(plan: Plan, settings: Settings, on_progress: Progress = lambda _: None) -> dict:
+    """Run a prepared batch to the end; returns its final status (states per count)."""
+
+    with connect(settings) as cluster:
+        on_progress(_get(cluster.scheduler.submit.remote(plan)))
+        return _follow(cluster, plan.batch_id, settings, on_progress)
+
+
+def resume(
+    batch_id: str, settings: Settings, *, backend: str | None = None,
+    on_progress: Progress = lambda _: None,
+) -> dict:  # fmt: skip
+    """Finish a batch from the ledger (after the driver or the scheduler was lost)."""
+
+    with connect(settings) as cluster:
+        on_progress(_get(cluster.scheduler.resume.remote(batch_id, backend)))
+        return _follow(cluster, batch_id, settings, on_progress)
+
+
+def _get(ref: Any) -> Any:
+    """`ray.get` of an actor call; a sandfleet error raised in the actor comes back as itself."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as e:
+        if isinstance(e.cause, SandfleetError):
+            raise e.cause from None
+        raise
+
+
+@contextlib.contextmanager
+def _existing_scheduler(settings: Settings) -> Iterator[Any]:
+    """The running scheduler of the cluster at `--address` ($RAY_ADDRESS, else `auto`)."""
+    import ray
+
+    from scheduler.fleet import SCHEDULER_NAME
+    from scheduler.ledger_actor import NAMESPACE
+
+    address = settings.address or os.environ.get("RAY_ADDRESS") or "auto"
+    started = False
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        except ConnectionError as e:
+            raise SchedulerError(
+                f"no Ray cluster answers at {address} ({e}) (fix: pass --address of the "
+                "cluster that runs the batch)"
+            ) from None
+        started = True
+    try:
+        try:
+            handle = ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE)
+        except ValueError:
+            raise SchedulerError(
+                f"no sandfleet scheduler runs on the cluster at {address} (fix: start the "
+                "batch with `sandfleet run`, or `sandfleet resume BATCH` if it was lost)"
+            ) from None
+        yield handle
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def cancel(target: str, settings: Settings) -> dict[str, Any]:
+    """Cancel a batch or a task in the cluster's running scheduler."""
+
+    with _existing_scheduler(settings) as scheduler:
+        return dict(_get(scheduler.cancel.remote(target)))
+
+
+def live_status(settings: Settings, batch_id: str | None = None) -> dict[str, Any]:
+    """The running scheduler's status (batches it holds, teams, cluster)."""
+
+    with _existing_scheduler(settings) as scheduler:
+        return dict(_get(scheduler.status.remote(batch_id)))
+
+
+def exit_code(batch: dict[str, Any]) -> int:
+    """0 when every task succeeded, else 1."""
+    return 0 if batch["states"].get("succeeded", 0) == batch["total"] else 1
+
+
+def job_request(
+    batch_path: str | os.PathLike[str], *, batch_id: str, data_dir: str, backend: Backend,
+    nonce: str,
+) -> dict[str, Any]:  # fmt: skip
+    """The `JobSubmissionClient.submit_job` arguments that run `sandfleet run` on the head.
+
+    The batch file's folder is uploaded as the job's working directory (so `tasks_from:`
+    tables next to it travel along); the driver joins the cluster with `--address auto`.
+    `data_dir` is a path on the cluster (or a URI): a relative one would land in the
+    job's temporary working directory, so it is refused.
+    """
+    if "://" not in data_dir and not (data_dir.startswith(("/", "~"))):
+        raise ConfigError(
+            f"--data-dir {data_dir!r}: a job needs a path on the cluster that outlives it "
+            "(fix: give an absolute path such as ~/sandfleet-data, or an s3:// URI)"
+        )
+    path = Path(batch_path).resolve()
+    argv = ["sandfleet", "run", path.name, "--data-dir", data_dir, "--address", "auto",
+            "--backend", backend.value, "--json"]  # fmt: skip
+    return {
+        "entrypoint": shlex.join(argv),
+        "runtime_env": {"working_dir": str(path.parent)},
+        "submission_id": f"sandfleet-{batch_id}-{nonce}",
+        "metadata": {"sandfleet.batch": batch_id, "sandfleet.backend": backend.value},
+    }
