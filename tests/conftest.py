@@ -2,35 +2,42 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from helpers import missing_engine, require_image
 
-CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-
-
-def missing_engine(reason: str) -> None:
-    """Skip on a developer's machine; fail under CI, where every engine must be present."""
-    if CI:
-        pytest.fail(f"{reason} (CI=true: engines are required; run `make setup`)")
-    pytest.skip(reason)
+__all__ = ["missing_engine"]
 
 
 @pytest.fixture(scope="session")
-def docker_client() -> Iterator[object]:
+def docker_client() -> Iterator[Any]:
     """A real Docker engine client."""
-    try:
-        import docker
+    import docker
+    from docker.errors import DockerException
 
+    try:
         client = docker.from_env(timeout=120)
         client.ping()
-    except Exception as e:  # any failure to reach the engine means "no engine"
+    except DockerException as e:
         missing_engine(f"no Docker engine answers: {e}")
-        raise  # unreachable; keeps type checkers calm
+        raise  # unreachable: missing_engine skips or fails
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_client: Any) -> str:
+    """The base image's tag; skip (fail under CI) when it is not built."""
+    return require_image(docker_client, "base")
+
+
+@pytest.fixture(scope="session")
+def python_image(docker_client: Any) -> str:
+    """The python template image's tag; skip (fail under CI) when it is not built."""
+    return require_image(docker_client, "python")
 
 
 @pytest.fixture

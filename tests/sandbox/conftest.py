@@ -8,7 +8,6 @@ one failure does not cascade). Nothing else on the engine is ever touched.
 from __future__ import annotations
 
 import itertools
-import os
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -58,24 +57,6 @@ def docker_backend(docker_client: Any) -> Iterator[Any]:
     yield backend
     _engine.pop("backend", None)
     backend.close()
-
-
-@pytest.fixture(scope="session")
-def base_image(docker_client: Any) -> str:
-    """The content-hashed tag of the base image; skip (fail under CI) when not built."""
-    from docker.errors import ImageNotFound
-
-    from sandbox.images import image_ref
-
-    ref = image_ref("base")
-    try:
-        docker_client.images.get(ref)
-    except ImageNotFound:
-        reason = f"image {ref} is not built (run `sandfleet images build`)"
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(f"{reason} (CI=true: images are required; run `make setup`)")
-        pytest.skip(reason)
-    return ref
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow.dataset as ds
 import pytest
+from helpers import require_image
 
 from accounting.errors import SandboxError
 from accounting.pricing import load_pricing, unit_price_nusd
@@ -89,11 +90,8 @@ def workspace(tmp_path: Path) -> Path:
 @pytest.fixture
 def sandbox(docker_client: Any, workspace: Path) -> Iterator[Callable[..., Any]]:
     """Creates hardened containers (not started); removes them all afterwards."""
-    from sandbox.images import image_exists, image_ref
 
-    ref = image_ref("base")
-    if not image_exists(ref):
-        pytest.skip(f"{ref} is not built (run `sandfleet images build base`)")
+    ref = require_image(docker_client, "base")
     made: list[Any] = []
 
     def create(command: list[str]) -> Any:

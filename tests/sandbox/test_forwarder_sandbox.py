@@ -11,7 +11,6 @@ test starts on the host's loopback.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import textwrap
@@ -25,6 +24,7 @@ from typing import Any
 
 import duckdb
 import pytest
+from helpers import require_image
 
 import sandbox.forwarder
 from accounting.config import configs_dir
@@ -35,7 +35,6 @@ from sandbox.credentials import AttemptRef, TaskCredentials
 from sandbox.egress import Resolver
 from sandbox.gateway import AttemptGrant, Gateway
 from sandbox.gateway_thread import GatewayThread
-from sandbox.images import image_ref
 from sandbox.scripted import ScriptedProvider
 from sandbox.templates import load_template
 from scheduler.budget import BudgetBook, BudgetClient, Caps
@@ -148,16 +147,8 @@ def gw_root() -> Iterator[Path]:
 def test_the_unmodified_openai_sdk_in_a_hardened_sandbox_is_metered_exactly(
     docker_client: Any, tmp_path: Path, servers: tuple[Counting, Counting], gw_root: Path
 ) -> None:
-    from docker.errors import ImageNotFound
 
-    image = image_ref("python")
-    try:
-        docker_client.images.get(image)
-    except ImageNotFound:
-        reason = f"image {image} is not built (run `sandfleet images build`)"
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(f"{reason} (CI=true: images are required; run `make setup`)")
-        pytest.skip(reason)
+    image = require_image(docker_client, "python")
     allowed, denied = servers
     a_port, d_port = allowed.server_address[1], denied.server_address[1]
     data_dir = tmp_path / "data"

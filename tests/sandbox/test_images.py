@@ -57,7 +57,8 @@ def test_base_image_is_unprivileged_and_has_no_setuid_files(docker_client) -> No
         [
             "sh",
             "-c",
-            "id -u; id -g; find / -xdev -type f -perm /6000 | wc -l; python3 -c 'import sqlite3, ssl, venv'",
+            "id -u; id -g; find / -xdev -type f -perm /6000 | wc -l;"
+            " python3 -c 'import sqlite3, ssl, venv'",
         ],
         network_mode="none",
         remove=True,

@@ -19,20 +19,6 @@ from scheduler.testing import containers_of, make_plan, remove_containers, stop_
 pytestmark = [pytest.mark.ray, pytest.mark.docker, pytest.mark.slow]
 
 
-@pytest.fixture
-def base_image(docker_client: Any) -> str:
-    from docker.errors import ImageNotFound
-
-    from sandbox.images import image_ref
-
-    ref = image_ref("base")
-    try:
-        docker_client.images.get(ref)
-    except ImageNotFound:
-        pytest.skip(f"image {ref} is not built (run `sandfleet images build`)")
-    return ref
-
-
 def test_a_batch_scales_the_cluster_from_zero_to_several_workers_and_back(
     fake_cluster: Any, data_dir: Path, tmp_path: Path, docker_client: Any, base_image: str,
     wait_for: Any,

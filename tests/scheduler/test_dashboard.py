@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import missing_engine
 
 from accounting.errors import SchedulerError
 from scheduler.dashboard import MAX_REFRESH_MS, DashboardServer
@@ -29,13 +30,6 @@ from scheduler.monitor import MonitorCore
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-
-
-def missing_engine(reason: str) -> None:
-    """Skip on a developer's machine; fail under CI (see tests/conftest.py)."""
-    if CI:
-        pytest.fail(f"{reason} (CI=true: engines are required; run `make setup`)")
-    pytest.skip(reason)
 
 
 def get(url: str) -> tuple[int, str, str]:

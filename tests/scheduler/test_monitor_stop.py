@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import require_image
 
 from accounting.anomalies import Finding
 from accounting.policies import AnomalyPolicies, load_policies
@@ -46,12 +47,8 @@ class StopContainer:
 
 @pytest.fixture
 def backend(docker_client: Any) -> Iterator[DockerBackend]:
-    from sandbox.images import image_exists, image_ref
 
-    if not image_exists(image_ref("base")):
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail("the base image is not built (run `make setup`)")
-        pytest.skip("the base image is not built (run `sandfleet images build base`)")
+    require_image(docker_client, "base")
     yield DockerBackend(docker_client)
 
 

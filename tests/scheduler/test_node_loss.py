@@ -64,20 +64,6 @@ def three_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, list[Any
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture
-def base_image(docker_client: Any) -> str:
-    from docker.errors import ImageNotFound
-
-    from sandbox.images import image_ref
-
-    ref = image_ref("base")
-    try:
-        docker_client.images.get(ref)
-    except ImageNotFound:
-        pytest.skip(f"image {ref} is not built (run `sandfleet images build`)")
-    return ref
-
-
 def test_node_loss_reruns_the_attempt_elsewhere_as_attempt_two(
     three_nodes: tuple[Any, list[Any]], data_dir: Path, tmp_path: Path, docker_client: Any,
     base_image: str, wait_for: Any,

@@ -20,19 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import missing_engine
 
 from scheduler.dashboard import DashboardServer
 from scheduler.event_builder import AttemptEvents
 from scheduler.monitor import MonitorCore
 
 CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-
-
-def missing_engine(reason: str) -> None:
-    """Skip on a developer's machine; fail under CI (see tests/conftest.py)."""
-    if CI:
-        pytest.fail(f"{reason} (CI=true: engines are required; run `make setup`)")
-    pytest.skip(reason)
 
 
 def free_port() -> int:

@@ -41,20 +41,6 @@ def cluster(data_dir: Path) -> Iterator[str]:
             stop_fleet()
 
 
-@pytest.fixture
-def base_image(docker_client: Any) -> str:
-    from docker.errors import ImageNotFound
-
-    from sandbox.images import image_ref
-
-    ref = image_ref("base")
-    try:
-        docker_client.images.get(ref)
-    except ImageNotFound:
-        pytest.skip(f"image {ref} is not built (run `sandfleet images build`)")
-    return ref
-
-
 def test_resume_after_a_scheduler_kill_finishes_every_task_exactly_once(
     cluster: str, tmp_path: Path, docker_client: Any, base_image: str, wait_for: Any
 ) -> None:

@@ -90,20 +90,6 @@ def test_attempt_options_take_the_templates_resources_and_one_slot() -> None:
     }
 
 
-@pytest.fixture
-def base_image(docker_client: Any) -> str:
-    from docker.errors import ImageNotFound
-
-    from sandbox.images import image_ref
-
-    ref = image_ref("base")
-    try:
-        docker_client.images.get(ref)
-    except ImageNotFound:
-        pytest.skip(f"image {ref} is not built (run `sandfleet images build`)")
-    return ref
-
-
 @pytest.mark.docker
 def test_a_cancel_stops_the_sandbox_and_removes_it_before_returning(
     tmp_path: Path, docker_client: Any, base_image: str
