@@ -5,6 +5,15 @@ optional callback) -> wait with the timeout -> collect exit code, oom, timeout, 
 and the diff into `DATA/archive/<batch>/<task>/<attempt>/` (result.json, stdout.log,
 stderr.log, diff.patch) -> remove the container and the workspace in a `finally`,
 whatever happened.
+
+`hooks` (an `AttemptHooks`, optional) is the node's seam around the container: extra
+read-only mounts and environment (the gateway's socket directory, the forwarder, the
+agent's endpoint variables), a wrapper for the command (the forwarder starts first),
+`on_created(container_id, workspace)` between create and start (activity capture sees
+the first command) and `on_finished(container_id)` after the wait and before removal,
+on every path (capture always stops before the container goes). What `on_finished`
+returns is kept as `AttemptResult.node_report`; its `stop_reason` (an outcome such as
+`budget_exceeded`) overrides the outcome of a sandbox the node stopped on purpose.
 """
 
 from __future__ import annotations
@@ -14,11 +23,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from accounting.errors import SandboxError, SandfleetError
 from sandbox.backend import SandboxBackend, SandboxSpec, Stream, WaitResult
@@ -35,6 +44,7 @@ from sandbox.workspace import (
 )
 
 __all__ = [
+    "AttemptHooks",
     "AttemptOutcome",
     "AttemptResult",
     "OutputCallback",
@@ -54,6 +64,29 @@ class AttemptOutcome(StrEnum):
     OOM = "oom"  # the kernel's OOM killer struck inside the sandbox
     TIMEOUT = "timeout"  # killed at the timeout
     ERROR = "error"  # sandfleet could not run it (image, engine, workspace)
+    BUDGET_EXCEEDED = "budget_exceeded"  # a budget cap refused it; the node stopped it
+
+
+_STOP_REASONS = frozenset({AttemptOutcome.BUDGET_EXCEEDED.value})
+
+
+@dataclass(frozen=True)
+class AttemptHooks:
+    """The node's additions to one sandbox (see the module doc); every part optional.
+
+    `volumes` are docker SDK bind mounts (host path -> `bind`), always read-only, added
+    to the workspace's and never replacing it;
+    `env` is layered over the caller's env (the node's endpoint variables win);
+    `wrap_command(argv)` returns the argv the container runs; `on_created` may raise
+    (the attempt then ends as an error, cleaned up); `on_finished` returns a small,
+    JSON-able dict.
+    """
+
+    volumes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    wrap_command: Callable[[tuple[str, ...]], Sequence[str]] | None = None
+    on_created: Callable[[str, Path], None] | None = None
+    on_finished: Callable[[str], Mapping[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,10 +118,12 @@ class AttemptResult:
     workspace_capped: bool
     notes: tuple[str, ...]
     error: str | None = None
+    node_report: Mapping[str, Any] | None = None  # what hooks.on_finished returned
 
     def to_json(self) -> str:
         data = asdict(self)
         data["outcome"] = self.outcome.value
+        data["node_report"] = dict(self.node_report) if self.node_report is not None else None
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
@@ -158,14 +193,16 @@ def run_attempt_in_sandbox(
     env: Mapping[str, str] | None = None,
     on_output: OutputCallback | None = None,
     use_tmpfs: bool | None = None,
+    hooks: AttemptHooks | None = None,
 ) -> AttemptResult:
     """Run one attempt in a fresh sandbox and archive what it produced.
 
     The command's failure, OOM or timeout is a result, not an exception. Errors that
     stop the attempt from running at all (image, engine, workspace) are written to the
     archive's result.json and then raised. The container and the workspace are removed
-    in every case.
+    in every case (after `hooks.on_finished`, when `hooks.on_created` ran).
     """
+    hooks = hooks or AttemptHooks()
     timeout = float(timeout_s if timeout_s is not None else template.timeout)
     argv = tuple(command) if command else tuple(template.agent_command)
     owner = current_owner().token()
@@ -177,6 +214,8 @@ def run_attempt_in_sandbox(
     followers: list[_Follower] = []
     sinks: list[IO[bytes]] = []
     waited: WaitResult | None = None
+    watched = False  # hooks.on_created returned: on_finished is owed
+    report: Mapping[str, Any] | None = None
     diff: DiffSummary | None = None
     error: BaseException | None = None
     t0 = time.monotonic()
@@ -188,14 +227,18 @@ def run_attempt_in_sandbox(
         )  # fmt: skip
         labels = sandbox_labels(batch=batch, task=task, attempt=attempt, team=team,
                                 owner=owner, template=template.name)  # fmt: skip
-        spec = SandboxSpec(
-            container_spec(
-                template, image=image, labels=labels, workspace_host_path=str(ws.path),
-                name=sandbox_name(batch, task, attempt, uuid.uuid4().hex[:8]),
-                env=env, command=argv,
-            )
+        run_argv = tuple(hooks.wrap_command(argv)) if hooks.wrap_command else argv
+        kwargs = container_spec(
+            template, image=image, labels=labels, workspace_host_path=str(ws.path),
+            name=sandbox_name(batch, task, attempt, uuid.uuid4().hex[:8]),
+            env={**(env or {}), **hooks.env}, command=run_argv,
         )  # fmt: skip
-        sandbox_id = backend.create(spec)
+        extra = {src: {"bind": m["bind"], "mode": "ro"} for src, m in hooks.volumes.items()}
+        kwargs["volumes"] = {**extra, **kwargs["volumes"]}  # the workspace is never replaced
+        sandbox_id = backend.create(SandboxSpec(kwargs))
+        if hooks.on_created is not None:
+            hooks.on_created(sandbox_id, ws.path)
+            watched = True
         backend.start(sandbox_id)
         for stream in ("stdout", "stderr"):
             sink = (archive / f"{stream}.log").open("wb")
@@ -219,10 +262,16 @@ def run_attempt_in_sandbox(
         error = e
         raise
     finally:
-        cleanup_errors = _cleanup(backend, sandbox_id, ws, sinks)
+        cleanup_errors: list[str] = []
+        if watched and sandbox_id is not None and hooks.on_finished is not None:
+            try:  # before the container goes: capture reads its cgroup one last time
+                report = dict(hooks.on_finished(sandbox_id))
+            except Exception as e:  # recorded; whatever it was, the container must still go
+                cleanup_errors.append(f"the node's on_finished hook failed: {e!r}")
+        cleanup_errors += _cleanup(backend, sandbox_id, ws, sinks)
         result = _result(
             batch, task, attempt, team, template, image, argv, timeout, started_at, archive,
-            followers, waited, diff, ws, error, cleanup_errors,
+            followers, waited, diff, ws, error, cleanup_errors, report,
         )  # fmt: skip
         (archive / "result.json").write_text(result.to_json())
     if cleanup_errors:
@@ -270,11 +319,16 @@ def _result(
     ws: Workspace | None,
     error: BaseException | None,
     cleanup_errors: list[str],
+    report: Mapping[str, Any] | None = None,
 ) -> AttemptResult:
     sizes = {f.stream: f.bytes for f in followers}
     message = str(error) if error is not None else None
     if cleanup_errors:
         message = "; ".join(filter(None, [message, *cleanup_errors]))
+    outcome = _outcome(waited) if waited is not None and error is None else AttemptOutcome.ERROR
+    stop_reason = (report or {}).get("stop_reason")
+    if stop_reason in _STOP_REASONS and outcome is not AttemptOutcome.ERROR:
+        outcome = AttemptOutcome(stop_reason)
     return AttemptResult(
         batch=batch,
         task=task,
@@ -283,7 +337,7 @@ def _result(
         template=template.name,
         image=image,
         command=argv,
-        outcome=_outcome(waited) if waited is not None and error is None else AttemptOutcome.ERROR,
+        outcome=outcome,
         exit_code=waited.exit_code if waited else None,
         oom=waited.oom if waited else False,
         timed_out=waited.timed_out if waited else False,
@@ -301,4 +355,5 @@ def _result(
         workspace_capped=ws.size_capped if ws else False,
         notes=ws.notes if ws else (),
         error=message,
+        node_report=report,
     )

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from accounting.errors import ImageError
-from sandbox.attempt import AttemptOutcome, run_attempt_in_sandbox
+from accounting.errors import BudgetError, ImageError, SandboxError
+from sandbox.attempt import AttemptHooks, AttemptOutcome, run_attempt_in_sandbox
 from sandbox.fake_backend import FakeBackend, FakeRun
 
 
@@ -122,3 +122,74 @@ def test_a_repo_at_a_ref_is_what_the_real_sandbox_sees(
     assert out.splitlines()[0] == "1"
     assert "c1" in out and "c2" not in out
     assert_nothing_left(docker_backend, data_dir, batch_id)
+
+
+def _status(backend, sandbox_id):
+    return next(b.status.value for b in backend.list({}) if b.id == sandbox_id)
+
+
+def test_hooks_add_mounts_env_and_a_wrapper_and_watch_from_create_to_exit(
+    minimal, data_dir, batch_id, given
+):
+    specs, calls = [], []
+    backend = FakeBackend(run=lambda spec: specs.append(spec) or FakeRun(exit_code=3))
+    hooks = AttemptHooks(
+        volumes={"/host/gw": {"bind": "/run/sandfleet", "mode": "rw"}},
+        env={"OPENAI_BASE_URL": "http://127.0.0.1:8080/v1"},
+        wrap_command=lambda argv: ("fwd", "--", *argv),
+        on_created=lambda cid, ws: calls.append(("created", _status(backend, cid), ws.name)),
+        on_finished=lambda cid: calls.append(("finished", _status(backend, cid))) or {"n": 1},
+    )
+    result = run(backend, minimal, data_dir, "img", batch_id, workspace_dir=given,
+                 command=["agent", "go"], env={"OPENAI_BASE_URL": "x", "K": "v"},
+                 hooks=hooks)  # fmt: skip
+    kwargs = specs[0].kwargs
+    assert kwargs["command"] == ["fwd", "--", "agent", "go"]
+    assert result.command == ("agent", "go")  # the agent's argv, as asked
+    assert kwargs["volumes"]["/host/gw"] == {"bind": "/run/sandfleet", "mode": "ro"}  # forced
+    assert any(v["bind"] == "/workspace" for v in kwargs["volumes"].values())
+    assert kwargs["environment"]["OPENAI_BASE_URL"] == "http://127.0.0.1:8080/v1"  # node wins
+    assert kwargs["environment"]["K"] == "v"
+    assert calls == [("created", "created", "repo"), ("finished", "exited")]
+    assert result.outcome is AttemptOutcome.FAILED and result.node_report == {"n": 1}
+    saved = json.loads((Path(result.archive_dir) / "result.json").read_text())
+    assert saved["node_report"] == {"n": 1}
+    assert_nothing_left(backend, data_dir, batch_id)
+
+
+def test_a_sandbox_the_node_stopped_for_budget_is_budget_exceeded(minimal, data_dir, batch_id):
+    backend = FakeBackend(run=lambda spec: FakeRun(exit_code=137))
+    hooks = AttemptHooks(
+        on_created=lambda cid, ws: None,
+        on_finished=lambda cid: {"stop_reason": "budget_exceeded", "stop_detail": "task cap"},
+    )
+    result = run(backend, minimal, data_dir, "img", batch_id, hooks=hooks)
+    assert result.outcome is AttemptOutcome.BUDGET_EXCEEDED and result.exit_code == 137
+    assert_nothing_left(backend, data_dir, batch_id)
+
+
+def test_a_failing_on_created_is_an_error_and_nothing_is_left(minimal, data_dir, batch_id):
+    finished = []
+
+    def refuse(cid, ws):
+        raise BudgetError("the task's budget is spent")
+
+    backend = FakeBackend()
+    hooks = AttemptHooks(on_created=refuse, on_finished=finished.append)
+    with pytest.raises(BudgetError, match="budget is spent"):
+        run(backend, minimal, data_dir, "img", batch_id, hooks=hooks)
+    assert finished == []  # capture never started: nothing to stop
+    saved = json.loads((data_dir / "archive" / batch_id / "t1" / "1" / "result.json").read_text())
+    assert saved["outcome"] == "error"
+    assert_nothing_left(backend, data_dir, batch_id)
+
+
+def test_a_failing_on_finished_still_removes_the_sandbox_and_says_why(minimal, data_dir, batch_id):
+    def broken(cid):
+        raise RuntimeError("node gateway gone")
+
+    backend = FakeBackend()
+    hooks = AttemptHooks(on_created=lambda cid, ws: None, on_finished=broken)
+    with pytest.raises(SandboxError, match="node gateway gone"):
+        run(backend, minimal, data_dir, "img", batch_id, hooks=hooks)
+    assert_nothing_left(backend, data_dir, batch_id)

@@ -1,0 +1,364 @@
+"""`NodeGateway`: one per node — the gateway, the process-events hub, the captures.
+
+Named `gateway-<node_id>` in namespace `sandfleet`, `num_cpus=0`, detached, pinned to
+its node (`NodeAffinitySchedulingStrategy(soft=False)`); `scheduler.node_attempt`'s
+`gateway_for_this_node()` returns it (created on first use) from inside the runner's
+Ray task. A threaded actor: small methods, picklable arguments and results. It holds:
+
+- one `GatewayThread` (the task tokens' keys live only in its memory; providers from
+  `configs/providers.yaml`; budget through the `budget` actor, failing closed; every
+  event and charge to the `ledger` actor when one exists — it does whenever the driver
+  runs — else to a `LedgerWriter` of its own on the data dir);
+- one `NetlinkProcHub` for the node, shared by the attempts' `ActivityCapture`s;
+- per attempt: a renewable compute lease (template cpus and memory x the compute
+  prices, `lease_s` at a time) and a tally of its charges (compute, LLM, network) and
+  tokens, read from the very rows that go to the ledger.
+
+When a cap refuses an LLM call (HTTP 402) or a lease renewal, the attempt is marked
+`budget_exceeded` and its container stopped; `stop_capture` reports it as the
+attempt's `stop_reason`. Sockets live under `/run/sandfleet/gw-<node>/` on the host
+(short: a unix socket path must stay under ~100 bytes).
+
+The runner's side is `scheduler.node_attempt` (`node_attempt(request)`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import ray
+
+import sandbox.forwarder
+from accounting.errors import BudgetError, SandboxError, SandfleetError
+from accounting.pricing import load_pricing
+from sandbox.activity import ActivityCapture, CaptureIdentity, CaptureReport, ledger_sink
+from sandbox.attempt import AttemptOutcome
+from sandbox.credentials import AttemptRef, TaskCredentials
+from sandbox.gateway import MOUNT_POINT, SOCKET_NAME, AttemptGrant, Gateway
+from sandbox.gateway_thread import GatewayThread
+from sandbox.proc_hub import NetlinkProcHub
+from sandbox.providers import load_providers, load_providers_config
+from scheduler.budget import CapReached, compute_rate_nusd_per_s
+from scheduler.budget_keeper import budget_client, keeper_lookup, unwrap
+from scheduler.compute_lease import ComputeLeases
+from scheduler.ledger_actor import LEDGER_NAME, NAMESPACE
+
+__all__ = ["FORWARDER_MOUNT", "NodeChannel", "NodeGateway", "default_root"]
+
+log = logging.getLogger(__name__)
+
+FORWARDER_MOUNT: Final = "/opt/sandfleet/forwarder.py"
+_FORWARDER: Final = Path(sandbox.forwarder.__file__).resolve()
+_CALL_TIMEOUT_S: Final = 120.0
+
+
+@dataclass(frozen=True)
+class NodeChannel:
+    """What one attempt's container needs from the node gateway (picklable).
+
+    `env` has no token: the forwarder reads it from `/run/sandfleet/token`, so it never
+    shows in the container's configuration (`docker inspect`).
+    """
+
+    ref: AttemptRef
+    directory: str  # the socket directory on the host
+    volumes: dict[str, dict[str, str]]
+    env: dict[str, str]
+    command_prefix: tuple[str, ...]
+
+    def wrap(self, argv: Sequence[str]) -> tuple[str, ...]:
+        return (*self.command_prefix, *argv)
+
+
+@dataclass
+class _Tally:
+    """One attempt's charges and tokens, summed from the rows sent to the ledger."""
+
+    cost_compute_nusd: int = 0
+    cost_llm_nusd: int = 0
+    cost_network_nusd: int = 0
+    tokens_input: int = 0
+    tokens_output: int = 0
+    llm_calls: int = 0
+    resource_samples: int = 0  # so far: a live attempt's capture is sampling
+
+    def add(self, table: str, row: Any) -> None:
+        if table == "charges":
+            category = str(getattr(row.service_category, "value", row.service_category))
+            cost = row.cost_nusd or 0
+            if category == "Compute":
+                self.cost_compute_nusd += cost
+            elif category == "Networking":
+                self.cost_network_nusd += cost
+            elif category.startswith("AI"):
+                self.cost_llm_nusd += cost
+            return
+        kind = str(getattr(row.kind, "value", row.kind))
+        if kind == "resource_sample":
+            self.resource_samples += 1
+        elif kind == "llm_call":
+            p = row.payload
+            self.llm_calls += 1
+            inputs = ("input_uncached", "input_cache_read", "input_cache_write")
+            self.tokens_input += sum(int(p.get(k) or 0) for k in inputs)
+            self.tokens_output += int(p.get("output") or 0) + int(p.get("reasoning") or 0)
+
+
+@dataclass
+class _Live:
+    grant: AttemptGrant
+    tally: _Tally = field(default_factory=_Tally)
+    container: str | None = None
+    capture: ActivityCapture | None = None
+    report: CaptureReport | None = None
+    stop_reason: str | None = None
+    why: str = ""
+
+
+class _LedgerActorSink:
+    """`LedgerSink` on the `ledger` actor: each batch waits for the actor's answer, so a
+    failing ledger fails the gateway closed (as a local writer would)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def append(self, table: str, rows: Sequence[Any]) -> int:
+        return int(ray.get(self.handle.append.remote(table, list(rows)), timeout=_CALL_TIMEOUT_S))
+
+
+def default_root(node_id: str) -> Path:
+    return Path("/run/sandfleet") / f"gw-{node_id[:12]}"
+
+
+# A threaded actor: the runner's calls, the gateway's loop and the lease thread share it.
+@ray.remote(num_cpus=0, max_concurrency=64, max_restarts=-1, max_task_retries=0)  # type: ignore[call-overload]
+class NodeGateway:
+    """See the module doc."""
+
+    def __init__(
+        self,
+        node_id: str,
+        data_dir: str,
+        root: str | None = None,
+        providers_path: str | None = None,
+        lease_s: int = 60,
+        stop_grace_s: float = 2.0,
+    ) -> None:
+        if os.geteuid() != 0:
+            raise SandboxError(
+                "the node gateway must run as root: it gives each socket to the sandbox's "
+                "uid and reads process events (fix: run the Ray worker nodes as root)"
+            )
+        from sandbox.docker_backend import DockerBackend
+
+        self.node_id, self.data_dir = node_id, data_dir
+        self.stop_grace_s = stop_grace_s
+        self._root = Path(root) if root else default_root(node_id)
+        self._prices = load_pricing()
+        config = load_providers_config(providers_path)
+        self._lock = threading.Lock()
+        self._live: dict[AttemptRef, _Live] = {}
+        self._by_container: dict[str, AttemptRef] = {}
+        self._writer: Any = None
+        self._downstream = self._ledger()  # `append` tallies each row, then sends it here
+        self._keeper = keeper_lookup()
+        self._docker = DockerBackend()
+        self._hub = NetlinkProcHub()
+        # mypy: gateway.Reserved declares settable attributes; a frozen Reservation has
+        # read-only ones (the same for every BudgetClient; the gateway only reads them)
+        budget: Any = budget_client(self._keeper)
+        self._thread = GatewayThread(
+            lambda: Gateway(
+                self._root, credentials=TaskCredentials(), providers=load_providers(config),
+                budget=budget, sink=self, prices=self._prices, node=node_id,
+                default_max_tokens=config.default_max_tokens, on_budget_refused=self._refused,
+            )
+        ).start()  # fmt: skip
+        self._leases = ComputeLeases(self._call, lease_s, self._exceeded).start()
+
+    def _ledger(self) -> Any:
+        try:
+            return _LedgerActorSink(ray.get_actor(LEDGER_NAME, namespace=NAMESPACE))
+        except ValueError:  # no ledger actor: this node writes its own segments
+            from accounting.writer import LedgerWriter
+
+            self._writer = LedgerWriter(self.data_dir, node=self.node_id)
+            return self._writer
+
+    def info(self) -> dict[str, Any]:
+        """Where it writes, and each open attempt's tally so far (keyed `str(ref)`)."""
+        with self._lock:
+            attempts = {str(ref): vars(live.tally).copy() for ref, live in self._live.items()}
+        ledger = "writer" if self._writer is not None else "actor"
+        return {"node": self.node_id, "data_dir": self.data_dir, "root": str(self._root),
+                "attempts": attempts, "ledger": ledger}  # fmt: skip
+
+    # -- the LedgerSink every gateway and capture row goes through -------------------------
+
+    def append(self, table: str, rows: Sequence[Any]) -> Any:
+        rows = list(rows)
+        result = self._downstream.append(table, rows)
+        with self._lock:
+            for row in rows:
+                live = self._live.get(AttemptRef(row.team, row.batch, row.task, row.attempt))
+                if live is not None:
+                    live.tally.add(table, row)
+        return result
+
+    # -- attempts ----------------------------------------------------------------------------
+
+    def open_attempt(self, grant: AttemptGrant, cpus: float, memory_bytes: int) -> NodeChannel:
+        """Lease the first stretch of compute, open the gateway socket; raises BudgetError
+        when the task's, batch's or team's budget cannot pay for a second of compute."""
+        self._leases.open(grant.ref, compute_rate_nusd_per_s(self._prices, cpus, memory_bytes))
+        try:
+            channel = self._thread.open_attempt(grant)
+        except BaseException:
+            for problem in self._leases.settle(grant.ref):  # the first error matters
+                log.warning("%s", problem)
+            raise
+        with self._lock:
+            self._live[grant.ref] = _Live(grant)
+        env = {k: v for k, v in channel.env().items() if k != "OPENAI_API_KEY"}
+        volumes = {**channel.volumes(), str(_FORWARDER): {"bind": FORWARDER_MOUNT, "mode": "ro"}}
+        prefix = ("python3", FORWARDER_MOUNT, "--socket", f"{MOUNT_POINT}/{SOCKET_NAME}", "--")
+        return NodeChannel(grant.ref, str(channel.directory), volumes, env, prefix)
+
+    def start_capture(
+        self, container_id: str, workspace_path: str, identity: CaptureIdentity
+    ) -> str:
+        """Capture the container's activity (call before it starts); returns the mode.
+        Raises BudgetError when the attempt was stopped meanwhile (it must not start)."""
+        ref = AttemptRef(identity.team, identity.batch, identity.task, identity.attempt)
+        with self._lock:
+            live = self._live.get(ref)
+        if live is None:
+            raise SandboxError(f"attempt {ref} is not open on this node (call open_attempt first)")
+        capture = ActivityCapture(container_id, workspace_path, identity, ledger_sink(self),
+                                  prices=self._prices, hub=self._hub)  # fmt: skip
+        capture.start()
+        with self._lock:
+            live.container, live.capture = container_id, capture
+            self._by_container[container_id] = ref
+            why = live.why if live.stop_reason is not None else ""
+        if why:
+            self._end_capture(live)
+            raise BudgetError(why)
+        return str(capture.mode.value if capture.mode else "")
+
+    def stop_capture(self, container_id: str) -> dict[str, Any]:
+        """Stop the container's capture (after it exited, before removal); the attempt's
+        measured totals, charges so far, and `stop_reason` when the node stopped it."""
+        with self._lock:
+            ref = self._by_container.get(container_id)
+            live = self._live.get(ref) if ref is not None else None
+        if live is None:
+            raise SandboxError(f"no capture of sandbox {container_id[:12]} on this node")
+        errors = self._end_capture(live)
+        try:
+            self._thread.flush()  # every gateway row of the attempt reached the tally
+        except SandfleetError as e:
+            errors.append(f"gateway ledger flush: {e}")
+        return self._report(live, errors)
+
+    def _end_capture(self, live: _Live) -> list[str]:
+        with self._lock:
+            capture, live.capture = live.capture, None
+        if capture is None:
+            return []
+        try:
+            capture.stop()
+        except SandboxError as e:  # what it measured is still in capture.report
+            return [str(e)]
+        finally:
+            live.report = capture.report
+        return []
+
+    def _report(self, live: _Live, errors: list[str]) -> dict[str, Any]:
+        with self._lock:
+            out: dict[str, Any] = {**vars(live.tally), "stop_reason": live.stop_reason,
+                                   "stop_detail": live.why or None}  # fmt: skip
+        capture = live.report
+        out["capture_error"] = "; ".join(errors) or None
+        if capture is not None:
+            t = capture.totals
+            out |= {"capture_mode": capture.mode.value, "commands": capture.commands,
+                    "file_changes": capture.file_changes, "samples": capture.samples,
+                    "cpu_core_seconds": float(t.cpu_core_seconds),
+                    "memory_gib_seconds": float(t.memory_gib_seconds),
+                    "memory_peak_bytes": t.memory_peak_bytes,
+                    "lost_commands": capture.lost_commands}  # fmt: skip
+        return out
+
+    def close_attempt(self, ref: AttemptRef) -> dict[str, Any]:
+        """End the attempt here: any capture left running, its lease settled for the time
+        used, its token revoked and its socket removed. Idempotent."""
+        with self._lock:
+            live = self._live.get(ref)
+        errors: list[str] = []
+        if live is not None:
+            errors += self._end_capture(live)
+        errors += self._leases.settle(ref)
+        self._thread.close_attempt(ref)
+        with self._lock:
+            self._live.pop(ref, None)
+            if live is not None and live.container is not None:
+                self._by_container.pop(live.container, None)
+        return {"stop_reason": live.stop_reason if live else None, "errors": errors}
+
+    def budget_exceeded(self, ref: AttemptRef) -> bool:
+        with self._lock:
+            live = self._live.get(ref)
+            return live is not None and live.stop_reason == AttemptOutcome.BUDGET_EXCEEDED.value
+
+    def flush(self) -> None:
+        """Every row so far reached the ledger (tests, shutdown)."""
+        self._thread.flush()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def shutdown(self) -> None:
+        """Close every attempt and the gateway; close this node's own writer, if any."""
+        self._leases.stop()
+        for ref in list(self._live):
+            self.close_attempt(ref)
+        self._thread.stop()
+        if self._writer is not None:
+            self._writer.close()
+
+    # -- budget ------------------------------------------------------------------------------
+
+    def _call(self, method: Any) -> Any:
+        """A keeper call, its refusal raised as a plain BudgetError (which pickles)."""
+        try:
+            return unwrap(ray.get(method(self._keeper()), timeout=_CALL_TIMEOUT_S))
+        except CapReached as e:
+            raise BudgetError(str(e)) from None
+
+    def _refused(self, ref: AttemptRef, error: BudgetError) -> None:
+        """The gateway's `on_budget_refused`: a cap (not an outage) ends the attempt."""
+        if isinstance(error, CapReached):
+            self._exceeded(ref, str(error))
+
+    def _exceeded(self, ref: AttemptRef, why: str) -> None:
+        with self._lock:
+            live = self._live.get(ref)
+            if live is None or live.stop_reason is not None:
+                return
+            live.stop_reason, live.why = AttemptOutcome.BUDGET_EXCEEDED.value, why
+            container = live.container
+        log.warning("attempt %s stops: %s", ref, why)
+        if container is not None:  # off the caller's thread: the 402 goes out meanwhile
+            threading.Thread(target=self._stop_container, args=(container,), daemon=True).start()
+
+    def _stop_container(self, container_id: str) -> None:
+        try:
+            self._docker.stop(container_id, grace_s=self.stop_grace_s)
+        except SandboxError as e:  # gone meanwhile: nothing left to stop
+            log.info("stop of sandbox %s: %s", container_id[:12], e)
