@@ -13,6 +13,7 @@ _EXPORTS = {
     "agent_env": "sandbox.forwarder",
     "AttemptChannel": "sandbox.gateway",
     "AttemptGrant": "sandbox.gateway",
+    "AttemptHooks": "sandbox.attempt",
     "AttemptOutcome": "sandbox.attempt",
     "AttemptRef": "sandbox.credentials",
     "AttemptResult": "sandbox.attempt",

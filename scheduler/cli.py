@@ -20,9 +20,9 @@ def cli() -> None:
 def _register() -> None:
     from accounting import cli as accounting_cli
     from sandbox import cli as sandbox_cli
-    from scheduler import batch_cli, monitor_cli
+    from scheduler import batch_cli, estimate_cli, monitor_cli
 
-    for group in (batch_cli, monitor_cli, sandbox_cli, accounting_cli):
+    for group in (batch_cli, estimate_cli, monitor_cli, sandbox_cli, accounting_cli):
         for command in group.COMMANDS:
             cli.add_command(command)
 

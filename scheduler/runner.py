@@ -23,11 +23,12 @@ its containers (by label) and its workspace.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -36,7 +37,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from accounting.errors import SandfleetError
-from sandbox.attempt import AttemptResult, run_attempt_in_sandbox
+from sandbox.attempt import AttemptHooks, AttemptResult, run_attempt_in_sandbox
 from sandbox.backend import SandboxBackend
 from sandbox.container_spec import LABEL_ATTEMPT, LABEL_BATCH, LABEL_TASK
 from sandbox.templates import Template
@@ -82,6 +83,7 @@ class AttemptRequest:
     env: tuple[tuple[str, str], ...]
     data_dir: str
     backend: Backend
+    task_type: str = ""
 
 
 def attempt_request(plan: Plan, task: TaskSpec, attempt: int, data_dir: str) -> AttemptRequest:
@@ -111,6 +113,7 @@ def attempt_request(plan: Plan, task: TaskSpec, attempt: int, data_dir: str) -> 
         env=tuple(sorted(env.items())),
         data_dir=data_dir,
         backend=plan.backend,
+        task_type=task.task_type,
     )
 
 
@@ -171,8 +174,31 @@ def _labels(request: AttemptRequest) -> dict[str, str]:
     }
 
 
-def _result(result: AttemptResult, node: str) -> dict[str, Any]:
+NodeHooks = Callable[[], contextlib.AbstractContextManager[AttemptHooks | None]]
+"""Opens the node's side of an attempt (gateway channel, capture) and closes it after."""
+
+
+def _metered(report: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What the node metered for the attempt (gateway and capture), for the tasks row."""
+    r = report or {}
     return {
+        "costs": {
+            "compute_nusd": int(r.get("cost_compute_nusd") or 0),
+            "llm_nusd": int(r.get("cost_llm_nusd") or 0),
+            "network_nusd": int(r.get("cost_network_nusd") or 0),
+            "storage_nusd": int(r.get("cost_storage_nusd") or 0),
+        },
+        "tokens_input": int(r.get("tokens_input") or 0),
+        "tokens_output": int(r.get("tokens_output") or 0),
+        "llm_calls": int(r.get("llm_calls") or 0),
+    }
+
+
+def _result(result: AttemptResult, node: str) -> dict[str, Any]:
+    report = dict(result.node_report) if result.node_report else None
+    return {
+        **_metered(report),
+        "node_report": report,
         "outcome": result.outcome.value,
         "exit_code": result.exit_code,
         "oom": result.oom,
@@ -196,6 +222,8 @@ def _result(result: AttemptResult, node: str) -> dict[str, Any]:
 
 def _error(error: SandfleetError, request: AttemptRequest, node: str) -> dict[str, Any]:
     return {
+        **_metered(None),
+        "node_report": None,
         "outcome": "error",
         "exit_code": None,
         "oom": False,
@@ -218,8 +246,15 @@ def _stop_sandboxes(backend: SandboxBackend, request: AttemptRequest) -> None:
             log.warning("cancel of %s/%s: stop %s: %s", request.batch, request.task, info.name, e)
 
 
-def execute(backend: SandboxBackend, request: AttemptRequest, node: str = "") -> dict[str, Any]:
-    """Run the attempt in a thread; on KeyboardInterrupt (a cancel) stop it, then re-raise."""
+def execute(
+    backend: SandboxBackend,
+    request: AttemptRequest,
+    node: str = "",
+    node_hooks: NodeHooks | None = None,
+) -> dict[str, Any]:
+    """Run the attempt in a thread; on KeyboardInterrupt (a cancel) stop it, then re-raise.
+
+    `node_hooks` opens the node's gateway channel and capture around the attempt."""
     repo, copy_from = workspace_source(request.repo)
     outcome: dict[str, Any] = {}
     finished = threading.Event()  # not thread.is_alive(): a KeyboardInterrupt inside
@@ -227,14 +262,15 @@ def execute(backend: SandboxBackend, request: AttemptRequest, node: str = "") ->
 
     def work() -> None:
         try:
-            outcome["result"] = run_attempt_in_sandbox(
-                backend, request.template, data_dir=request.data_dir, image=request.image,
-                batch=request.batch, task=request.task, attempt=request.attempt,
-                team=request.team, command=request.command, repo=repo,
-                ref=request.ref if repo is not None else None, workspace_dir=copy_from,
-                timeout_s=request.timeout_s, env=dict(request.env),
-                use_tmpfs=False if request.backend is Backend.FAKE else None,
-            )  # fmt: skip
+            with node_hooks() if node_hooks else contextlib.nullcontext() as hooks:
+                outcome["result"] = run_attempt_in_sandbox(
+                    backend, request.template, data_dir=request.data_dir, image=request.image,
+                    batch=request.batch, task=request.task, attempt=request.attempt,
+                    team=request.team, command=request.command, repo=repo,
+                    ref=request.ref if repo is not None else None, workspace_dir=copy_from,
+                    timeout_s=request.timeout_s, env=dict(request.env),
+                    use_tmpfs=False if request.backend is Backend.FAKE else None, hooks=hooks,
+                )  # fmt: skip
         except BaseException as e:  # handed to the task's thread below
             outcome["error"] = e
         finally:
@@ -285,7 +321,14 @@ def run_attempt(request: AttemptRequest, scheduler: tuple[str, str] | None = Non
                         request.task, scheduler[0])  # fmt: skip
         else:  # fire and forget
             handle.attempt_started.remote(request.batch, request.task, request.attempt, node)
-    return execute(_backend(request.backend), request, node)
+    node_hooks: NodeHooks | None = None
+    if request.backend is Backend.DOCKER:
+        from scheduler.node_attempt import node_attempt
+
+        def node_hooks() -> contextlib.AbstractContextManager[AttemptHooks | None]:
+            return node_attempt(request, task_type=request.task_type)
+
+    return execute(_backend(request.backend), request, node, node_hooks)
 
 
 @ray.remote(num_cpus=0, max_retries=0)
