@@ -19,7 +19,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
@@ -217,11 +217,21 @@ class BatchSpec:
     tasks: tuple[TaskEntry, ...]
     base_dir: str
     content_hash: str
+    run_tag: str = ""
+    """Set to run the same content again as a new batch (`sandfleet run --again`)."""
 
     @property
     def batch_id(self) -> str:
-        """`<name>-<first 10 hex digits of the content hash>`: same content, same id."""
-        return f"{self.name}-{self.content_hash[:10]}"
+        """`<name>-<first 10 hex digits of the content hash>[-<run tag>]`: same content, same
+        id, unless a run tag asks for a new batch."""
+        base = f"{self.name}-{self.content_hash[:10]}"
+        return f"{base}-{self.run_tag}" if self.run_tag else base
+
+    def again(self, tag: str) -> BatchSpec:
+        """The same batch under a new id (`<id>-<tag>`), e.g. a second run of a demo."""
+        if not re.fullmatch(r"[A-Za-z0-9]{1,32}", tag):
+            raise ConfigError(f"run tag {tag!r}: use 1 to 32 letters and digits")
+        return replace(self, run_tag=tag)
 
     def task_specs(self) -> list[TaskSpec]:
         """Every task, expanded with the defaults, in file order."""
@@ -259,19 +269,21 @@ class BatchSpec:
             "tasks": [t.model_dump(mode="json", exclude_defaults=True) for t in self.tasks],
             "base_dir": self.base_dir,
             "content_hash": self.content_hash,
+            "run_tag": self.run_tag,
         }
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> BatchSpec:
         """Rebuild a spec from `to_record()` output (resume); the hash must still match."""
-        data = {k: v for k, v in record.items() if k not in ("base_dir", "content_hash")}
+        meta = ("base_dir", "content_hash", "run_tag")
+        data = {k: v for k, v in record.items() if k not in meta}
         spec = parse_batch(data, source=Path(record["base_dir"]) / "(ledger record)")
         if spec.content_hash != record.get("content_hash"):
             raise ConfigError(
                 f"batch {record.get('name')!r}: the stored spec does not match its content hash "
                 "(fix: the ledger record was altered; run `sandfleet audit verify`)"
             )
-        return spec
+        return spec.again(record["run_tag"]) if record.get("run_tag") else spec
 
 
 def load_batch(path: str | os.PathLike[str]) -> BatchSpec:

@@ -301,3 +301,14 @@ def test_an_invalid_task_field_is_named_with_its_task(
         assert "(fix: " in text
     else:
         assert len(spec.tasks) == 3
+
+
+def test_a_run_tag_gives_the_same_content_a_new_batch_id_that_survives_the_ledger() -> None:
+    spec = load_batch(REPO / "configs" / "batches" / "example.yaml")
+    again = spec.again("20261130T120000")
+    assert again.batch_id == f"{spec.batch_id}-20261130T120000"
+    assert {t.batch for t in again.task_specs()} == {again.batch_id}
+    assert BatchSpec.from_record(again.to_record()).batch_id == again.batch_id
+    assert BatchSpec.from_record(spec.to_record()).batch_id == spec.batch_id
+    with pytest.raises(ConfigError, match="run tag 'no way'"):
+        spec.again("no way")
