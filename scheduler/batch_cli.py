@@ -1,8 +1,10 @@
 """`sandfleet run|submit|status|cancel|resume|logs|diff`: the commands users live in.
 
 Exit status of `run` and `resume`: 0 when every task succeeded, 1 when any did not, 2 on
-invalid input (a bad spec, template, flag or quota; nothing was started). Every command
-takes `--json` and then prints one JSON document instead of tables and bars.
+invalid input (a bad spec, template, flag or quota, or an estimate over the batch's cap
+without `--force`; nothing was started). Every command takes `--json` and then prints
+one JSON document instead of tables and bars. `run` and `resume` start the cluster's
+Monitor and print its dashboard URL first (on stderr), unless `--no-dashboard`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ _backend = click.option(
     help="docker (default) or fake: the in-memory test backend, no containers.",
 )
 _json = click.option("--json", "as_json", is_flag=True, help="Print JSON, no bars or tables.")
+_dashboard_port = click.option(
+    "--dashboard-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help="Port of the live dashboard and /metrics (default 8266; 0: any free port).",
+)
+_no_dashboard = click.option(
+    "--no-dashboard",
+    is_flag=True,
+    help="Start no Monitor: no live dashboard, metrics or streaming rule actions.",
+)
 _policies = click.option(
     "--policies",
     "policies_path",
@@ -47,11 +60,17 @@ def _settings(**kw: Any) -> Any:
     from scheduler.driver import Settings
 
     backend = kw.pop("backend", None)
+    dashboard = not kw.pop("no_dashboard", True)
     return Settings(
         data_dir=resolve_data_dir(kw.pop("data_dir", None)),
         backend=Backend(backend or Backend.DOCKER.value),
+        dashboard=dashboard,
         **{k: v for k, v in kw.items() if v is not None},
     )
+
+
+def _announce(url: str) -> None:
+    click.echo(f"dashboard: {url}", err=True)
 
 
 def _echo_json(data: Any) -> None:
@@ -104,15 +123,23 @@ def _follow(
     type=click.Path(dir_okay=False, exists=True),
     help="Ray cluster YAML whose max size caps the autoscaler request.",
 )
+@_dashboard_port
+@_no_dashboard
+@click.option("--force", is_flag=True, help="Run even when the estimate exceeds the cap.")
 @_json
-def run_cmd(batch: str, as_json: bool, **kw: Any) -> None:
+def run_cmd(batch: str, as_json: bool, force: bool, **kw: Any) -> None:
     """Run BATCH (a YAML file) to completion, with live progress and a final summary."""
     from scheduler import driver
 
     settings = _settings(**kw)
     plan = driver.prepare(batch, settings)
     _check_images(plan, settings)
-    _follow(plan.batch_id, as_json, lambda cb: driver.run(plan, settings, cb))
+    refusal = driver.refusal_of_estimate(plan, settings)
+    if refusal and not force:
+        raise ConfigError(refusal)
+    if refusal:
+        click.echo(f"warning (--force): {refusal}", err=True)
+    _follow(plan.batch_id, as_json, lambda cb: driver.run(plan, settings, cb, _announce))
 
 
 @click.command("resume")
@@ -122,6 +149,8 @@ def run_cmd(batch: str, as_json: bool, **kw: Any) -> None:
 @_backend
 @_policies
 @click.option("--slots", type=click.IntRange(min=1), help="Embedded cluster: sandbox slots.")
+@_dashboard_port
+@_no_dashboard
 @_json
 def resume_cmd(batch_id: str, as_json: bool, **kw: Any) -> None:
     """Finish BATCH from the ledger after its driver or scheduler was lost."""
@@ -138,7 +167,9 @@ def resume_cmd(batch_id: str, as_json: bool, **kw: Any) -> None:
     _follow(
         batch_id,
         as_json,
-        lambda cb: driver.resume(batch_id, settings, backend=backend, on_progress=cb),
+        lambda cb: driver.resume(
+            batch_id, settings, backend=backend, on_progress=cb, on_dashboard=_announce
+        ),
     )
 
 

@@ -10,6 +10,13 @@ terminal state, or back to `queued` as the next attempt after an infrastructure
 failure. Each transition is one `task_state` event; each attempt that ends is one
 `tasks` row. A task's terminal state is recorded once: a finished task is never queued
 or finished again.
+
+Stopping: `cancel(target, outcome=...)` ends queued tasks at once and marks running
+attempts to stop; a stopped attempt ends in that outcome (`cancelled`, or
+`stopped_by_rule` with the rule's reason), never retried. Budgets: `exhaust_batch`
+ends a batch's queued tasks `budget_exceeded`; `hold_team` parks a team's queued tasks
+out of the queue (still `queued`, never admitted, no autoscaler demand) until
+`release_team`.
 """
 
 from __future__ import annotations
@@ -28,7 +35,12 @@ from scheduler.records import attempt_summary, state_event, utcnow
 from scheduler.spec import TaskSpec
 from scheduler.state import TERMINAL_STATES, Step
 
-__all__ = ["Attempt", "FleetBook", "Task"]
+__all__ = ["STOP_OUTCOMES", "Attempt", "FleetBook", "Task"]
+
+STOP_OUTCOMES = frozenset(
+    {TaskState.CANCELLED, TaskState.STOPPED_BY_RULE, TaskState.BUDGET_EXCEEDED}
+)
+"""The outcomes `cancel` may give what it stops."""
 
 Clock = Callable[[], datetime]
 
@@ -56,6 +68,8 @@ class Attempt:
     cancelled: bool = False
     cancel_at: float | None = None
     forced: bool = False
+    stop_state: TaskState = TaskState.CANCELLED  # the outcome when `cancelled`
+    stop_reason: str = "cancelled"
 
 
 @dataclass(slots=True)
@@ -79,6 +93,9 @@ class FleetBook:
         self.batches: dict[str, _Batch] = {}
         self.tasks: dict[str, Task] = {}
         self.active: dict[str, Attempt] = {}  # task key -> its attempt (running or sweeping)
+        self.held: dict[str, QueueItem] = {}  # task key -> queued item parked off the queue
+        self.held_teams: set[str] = set()
+        self.exhausted: set[str] = set()  # batches whose budget ended their queued tasks
         self._events: list[Event] = []
         self._summaries: list[TaskSummary] = []
 
@@ -107,7 +124,8 @@ class FleetBook:
             if spec.task_id in todo:
                 items.append(self._item(plan, task, task.attempt))
         self.batches[plan.batch_id] = batch
-        self.queue.push_many(items)
+        for item in items:
+            self._enqueue(item)
 
     def forget(self, batch_id: str) -> None:
         """Drop a finished batch (before resuming it anew)."""
@@ -120,6 +138,7 @@ class FleetBook:
                 f"`sandfleet cancel {batch_id}`)"
             )
         del self.batches[batch_id]
+        self.exhausted.discard(batch_id)
         for task_id in batch.tasks:
             self.tasks.pop(f"{batch_id}/{task_id}", None)
 
@@ -164,8 +183,11 @@ class FleetBook:
         if task.state in TERMINAL_STATES:
             raise SchedulerError(f"task {task.key} is already {task.state.value}")
         node = str((result or {}).get("node") or attempt.node)
-        if attempt.cancelled and step.retry:
-            step = Step(TaskState.CANCELLED, attempt.number, "cancelled")
+        if attempt.cancelled and (step.retry or attempt.stop_state is not TaskState.CANCELLED):
+            step = Step(attempt.stop_state, attempt.number, attempt.stop_reason)
+        if step.retry and task.spec.batch in self.exhausted:
+            reason = f"{step.reason}; not retried: batch budget reached"
+            step = Step(TaskState.BUDGET_EXCEEDED, attempt.number, reason)
         if result is not None and attempt.started is None:
             attempt.started = self.clock()  # the start notice lost the race with the result
             self._set(task, TaskState.RUNNING, attempt.number, "started", node, attempt.started)
@@ -182,24 +204,105 @@ class FleetBook:
         self.queue.release(task.key)
         if step.retry:
             self._set(task, TaskState.QUEUED, step.attempt, step.reason, self.node, now)
-            self.queue.push(self._item(self.plan_of(task), task, step.attempt))
+            self._enqueue(self._item(self.plan_of(task), task, step.attempt))
         else:
             self._set(task, step.state, attempt.number, step.reason, node, now, result)
 
-    def cancel(self, target: str) -> tuple[int, list[Attempt]]:
-        """Queued tasks of `target` -> cancelled now; returns them and the attempts to stop."""
+    def cancel(
+        self, target: str, *, outcome: TaskState = TaskState.CANCELLED, reason: str | None = None,
+        attempt: int | None = None,
+    ) -> tuple[int, list[Attempt]] | None:  # fmt: skip
+        """Queued tasks of `target` -> `outcome` now; returns how many, and the running
+        attempts to stop (they end in `outcome` with `reason`). With `attempt`, only that
+        attempt of one task is stopped: None (refused, nothing changed) when it is not
+        the task's current, unfinished attempt."""
+        if outcome not in STOP_OUTCOMES:
+            raise SchedulerError(
+                f"cancel {target}: outcome {outcome.value!r} is not a way to stop a task "
+                f"(fix: use one of {', '.join(sorted(s.value for s in STOP_OUTCOMES))})"
+            )
+        keys = self.resolve(target)
+        if attempt is not None:
+            current = self.active.get(keys[0]) if len(keys) == 1 else None
+            if current is None or current.number != attempt or current.ended:
+                return None
+        why = reason or ("cancelled" if outcome is TaskState.CANCELLED else outcome.value)
         removed, to_stop = 0, []
-        for key in self.resolve(target):
-            for item in self.queue.cancel(task_id=key).removed:
-                task = self.tasks[key]
-                self._set(task, TaskState.CANCELLED, item.attempt, "cancelled while queued",
-                          self.node, self.clock())  # fmt: skip
-                removed += 1
-            attempt = self.active.get(key)
-            if attempt is not None and not attempt.cancelled:
-                attempt.cancelled = True
-                to_stop.append(attempt)
+        for key in keys:
+            if attempt is None:
+                removed += self._end_queued(key, outcome, reason or f"{why} while queued")
+            running = self.active.get(key)
+            if running is not None and not running.cancelled:
+                running.cancelled = True
+                running.stop_state, running.stop_reason = outcome, why
+                to_stop.append(running)
         return removed, to_stop
+
+    def _end_queued(self, key: str, state: TaskState, reason: str) -> int:
+        """A queued (or held) task -> terminal `state` now; 1 if it was queued, else 0."""
+        items = [*self.queue.cancel(task_id=key).removed]
+        held = self.held.pop(key, None)
+        if held is not None:
+            items.append(held)
+        for item in items:
+            self._set(self.tasks[key], state, item.attempt, reason, self.node, self.clock())
+        return len(items)
+
+    # -- budgets -------------------------------------------------------------------------
+
+    def exhaust_batch(self, batch_id: str, reason: str = "batch budget reached") -> int:
+        """The batch's budget is spent: its queued tasks end `budget_exceeded` now (running
+        attempts go on; the gateway stops them at the cap). Returns how many ended."""
+        batch = self.batches.get(batch_id)
+        if batch is None or batch.done:
+            return 0
+        self.exhausted.add(batch_id)
+        return sum(
+            self._end_queued(f"{batch_id}/{t}", TaskState.BUDGET_EXCEEDED, reason)
+            for t, task in batch.tasks.items()
+            if task.state is TaskState.QUEUED
+        )
+
+    def hold_team(self, team: str) -> int:
+        """The team's budget is spent: park its queued tasks off the queue (they stay
+        `queued`; nothing of the team is admitted) until `release_team`. Returns how many."""
+        self.held_teams.add(team)
+        n = 0
+        for batch_id, batch in self.batches.items():
+            if batch.plan.team != team or batch.done:
+                continue
+            for item in self.queue.cancel(batch=batch_id).removed:
+                self.held[item.task_id] = item
+                n += 1
+        return n
+
+    def release_team(self, team: str) -> int:
+        """The team may spend again: its parked tasks go back in the queue."""
+        self.held_teams.discard(team)
+        back = [item for item in self.held.values() if item.team == team]
+        for item in back:
+            del self.held[item.task_id]
+            self.queue.push(item)
+        return len(back)
+
+    def waiting_batches(self) -> list[str]:
+        """Batches with queued tasks that their budget has not ended yet."""
+        return [
+            b for b, batch in self.batches.items()
+            if batch.counts[TaskState.QUEUED] and b not in self.exhausted
+        ]  # fmt: skip
+
+    def waiting_teams(self) -> set[str]:
+        """Teams with tasks queued or parked (whose budgets the scheduler asks about)."""
+        teams = {item.team for item in self.held.values()}
+        teams.update(t for t, stats in self.queue.stats().teams.items() if stats.queued)
+        return teams
+
+    def _enqueue(self, item: QueueItem) -> None:
+        if item.team in self.held_teams:
+            self.held[item.task_id] = item
+        else:
+            self.queue.push(item)
 
     def lost(self, task_id: str, batch: str, number: int) -> None:
         """An attempt the previous scheduler lost: its `tasks` row (outcome unknown: failed)."""

@@ -6,7 +6,10 @@ its templates and images, the team's quotas, a batch already in the ledger): a
 `--address`, or starts an embedded local one (`ray.init(address="local", num_cpus=<this
 machine's CPUs>, resources={"sandbox_slots": N})`) that it shuts down afterwards.
 `run` and `resume` hand the batch to the `FleetScheduler` and follow it to the end,
-calling `on_progress` with each status snapshot.
+calling `on_progress` with each status snapshot. Unless `Settings.dashboard` is off,
+`connect` also starts (or finds) the cluster's `Monitor` actor — live state, streaming
+rules and their actions, `/metrics` and the dashboard — and `on_dashboard` gets its URL
+before anything is submitted. `refusal_of_estimate` is the pre-flight cost check.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ __all__ = [
     "job_request",
     "live_status",
     "prepare",
+    "refusal_of_estimate",
     "resume",
     "run",
 ]
@@ -46,6 +50,8 @@ BOOTSTRAP_CONFIG: Final = Path("~/ray_bootstrap_config.yaml")
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], None]
+Announce = Callable[[str], None]
+DEFAULT_DASHBOARD_PORT: Final = 8266  # scheduler.dashboard.DEFAULT_PORT
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,9 @@ class Settings:
     max_slots: int | None = None  # autoscaling cap (default: cluster config, else cluster size)
     cluster_config: str | None = None
     poll_s: float = 0.5
+    dashboard: bool = False  # start the Monitor (`sandfleet run` does unless --no-dashboard)
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = DEFAULT_DASHBOARD_PORT  # 0: any free port
 
 
 def _policies(settings: Settings) -> Policies:
@@ -84,6 +93,21 @@ def prepare(batch_path: str | os.PathLike[str], settings: Settings) -> Plan:
     return plan
 
 
+def refusal_of_estimate(plan: Plan, settings: Settings) -> str | None:
+    """Why the batch's pre-flight estimate refuses it (over its cap, naming the estimate,
+    the cap and `--force`), or None. Uses `scheduler.estimate`; without it, None."""
+    try:
+        from scheduler.estimate import estimate_batch, exceeds_cap
+    except ImportError:
+        return None
+    from accounting.pricing import load_pricing
+
+    policies = _policies(settings)
+    estimate = estimate_batch(plan.spec, load_pricing(), settings.data_dir, policies=policies)
+    why: str | None = exceeds_cap(estimate, plan.spec, policies)
+    return why or None
+
+
 def _max_slots(settings: Settings) -> int | None:
     from scheduler.autoscale import cluster_max_slots, load_cluster_config
 
@@ -102,11 +126,35 @@ class Cluster:
     embedded: bool
     ledger: Any
     scheduler: Any
+    monitor: Any = None
+    dashboard_url: str | None = None
+
+
+def _start_monitor(settings: Settings) -> tuple[Any, str | None]:
+    """The cluster's Monitor (started on first use) and its dashboard URL. A Monitor that
+    cannot start (its port taken) is reported, and the batch runs without it."""
+    import ray
+    from ray.exceptions import RayError
+
+    from scheduler.monitor_actor import get_monitor
+
+    try:
+        monitor = get_monitor(settings.dashboard_host, settings.dashboard_port,
+                              _policies(settings))  # fmt: skip
+        return monitor, str(ray.get(monitor.url.remote(), timeout=60))
+    except (RayError, OSError) as e:
+        log.warning(
+            "the Monitor (dashboard, streaming rules) did not start on %s:%s: %s (fix: "
+            "--dashboard-port 0 for any free port, or --no-dashboard); running without it",
+            settings.dashboard_host, settings.dashboard_port, e,
+        )  # fmt: skip
+        return None, None
 
 
 @contextlib.contextmanager
 def connect(settings: Settings) -> Iterator[Cluster]:
-    """Join `settings.address` (or an already connected Ray), else start an embedded one."""
+    """Join `settings.address` (or an already connected Ray), else start an embedded one;
+    start the Monitor unless `settings.dashboard` is off."""
     import ray
 
     from scheduler.autoscale import SLOT_RESOURCE
@@ -136,6 +184,8 @@ def connect(settings: Settings) -> Iterator[Cluster]:
             settings.data_dir, policies=_policies(settings), max_slots=_max_slots(settings)
         )
         cluster = Cluster(embedded, ledger, scheduler)
+        if settings.dashboard:
+            cluster.monitor, cluster.dashboard_url = _start_monitor(settings)
         yield cluster
     except BaseException:
         if cluster is not None:
@@ -152,6 +202,24 @@ def connect(settings: Settings) -> Iterator[Cluster]:
             ray.shutdown()
 
 
+def _close_keeper() -> None:
+    """Flush the budget keeper's events to the ledger (embedded cluster, before it goes)."""
+    import ray
+    from ray.exceptions import RayError
+
+    from scheduler.fleet import BUDGET_NAME
+    from scheduler.ledger_actor import NAMESPACE
+
+    try:
+        keeper = ray.get_actor(BUDGET_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return
+    try:
+        ray.get(keeper.close.remote(), timeout=60)
+    except (RayError, AttributeError) as e:  # gone, or a keeper without close()
+        log.warning("closing the budget keeper failed: %s", e)
+
+
 def _close(cluster: Cluster) -> None:
     """Flush the ledger; on an embedded cluster also stop the scheduler and close the ledger."""
     import ray
@@ -162,6 +230,18 @@ def _close(cluster: Cluster) -> None:
             ray.get(cluster.scheduler.close.remote())
         except RayActorError:  # a dead scheduler has nothing left to stop
             log.warning("the scheduler was already gone when the driver stopped it")
+        try:  # open attempts closed and their rows flushed before the ledger closes
+            from scheduler.node_attempt import close_node_gateways
+        except ImportError:
+            pass
+        else:
+            close_node_gateways()
+        _close_keeper()
+        if cluster.monitor is not None:
+            try:  # its last findings reach the ledger before the ledger closes
+                ray.get(cluster.monitor.close.remote(), timeout=60)
+            except RayActorError:
+                log.warning("the Monitor was already gone when the driver stopped it")
         ray.get(cluster.ledger.close.remote())
     else:
         ray.get(cluster.ledger.flush.remote())
@@ -206,21 +286,28 @@ def _poll(cluster: Cluster, batch_id: str, settings: Settings, on_progress: Prog
             return batch
 
 
-def run(plan: Plan, settings: Settings, on_progress: Progress = lambda _: None) -> dict:
+def run(
+    plan: Plan, settings: Settings, on_progress: Progress = lambda _: None,
+    on_dashboard: Announce = lambda _: None,
+) -> dict:  # fmt: skip
     """Run a prepared batch to the end; returns its final status (states per count)."""
 
     with connect(settings) as cluster:
+        if cluster.dashboard_url:
+            on_dashboard(cluster.dashboard_url)
         on_progress(_get(cluster.scheduler.submit.remote(plan)))
         return _follow(cluster, plan.batch_id, settings, on_progress)
 
 
 def resume(
     batch_id: str, settings: Settings, *, backend: str | None = None,
-    on_progress: Progress = lambda _: None,
+    on_progress: Progress = lambda _: None, on_dashboard: Announce = lambda _: None,
 ) -> dict:  # fmt: skip
     """Finish a batch from the ledger (after the driver or the scheduler was lost)."""
 
     with connect(settings) as cluster:
+        if cluster.dashboard_url:
+            on_dashboard(cluster.dashboard_url)
         on_progress(_get(cluster.scheduler.resume.remote(batch_id, backend)))
         return _follow(cluster, batch_id, settings, on_progress)
 

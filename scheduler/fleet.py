@@ -20,6 +20,15 @@ a lock. Each turn of the loop:
 A task is `queued` until its attempt reports in from its node (`running`, with the
 node id), then terminal or `queued` again as the next attempt. `resume` rebuilds a
 batch from the ledger after the scheduler was lost (see `scheduler.state.recover_batch`).
+
+Budgets: when a `budget` actor (the `BudgetKeeper`) runs in the namespace, each batch
+is registered with it on submit and resume, and before admitting (at most every
+`_BUDGET_EVERY_S`, and at once after a submit) the scheduler asks it whether each
+waiting batch and team is exhausted: an exhausted batch's queued tasks end
+`budget_exceeded` ("batch budget reached"); an exhausted team's tasks wait, parked,
+until it may spend again. A keeper that does not answer holds admission (fail closed).
+`cancel(..., outcome="stopped_by_rule", reason=..., attempt=n)` is how the Monitor stops
+an attempt by rule.
 """
 
 from __future__ import annotations
@@ -31,8 +40,9 @@ import time
 from typing import Any, Final
 
 import ray
+from ray.exceptions import GetTimeoutError, RayError
 
-from accounting.errors import ConfigError, SchedulerError
+from accounting.errors import BudgetError, ConfigError, SchedulerError
 from accounting.policies import Policies, load_policies
 from accounting.schemas import TaskState
 from scheduler.autoscale import SLOT_RESOURCE, DemandPublisher
@@ -54,7 +64,7 @@ from scheduler.state import (
     recover_batch,
 )
 
-__all__ = ["SCHEDULER_NAME", "FleetScheduler", "get_scheduler"]
+__all__ = ["BUDGET_NAME", "SCHEDULER_NAME", "FleetScheduler", "get_scheduler"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +73,10 @@ _TOTALS_EVERY_S: Final = 1.0
 _SWEEP_TIMEOUT_S: Final = 120.0
 _SEND_EVERY_S: Final = 0.25  # rows reach the ledger actor at most this late
 _SEND_TABLES: Final = 256  # ... or once this many row batches wait
+BUDGET_NAME: Final = "budget"  # the BudgetKeeper actor (scheduler.budget_keeper)
+_BUDGET_EVERY_S: Final = 0.5  # how stale the keeper's answers may get before admitting
+_BUDGET_LOOKUP_EVERY_S: Final = 2.0  # while no keeper runs, look for one this often
+_BUDGET_TIMEOUT_S: Final = 10.0
 
 
 # A threaded actor: the loop thread, method calls and start notices share it under a lock.
@@ -103,6 +117,10 @@ class FleetScheduler:
         self._totals = (0, 0.0, 0)
         self._totals_at = 0.0
         self._fault: str | None = None
+        self._keeper: Any = None  # the `budget` actor, once found
+        self._keeper_looked = -_BUDGET_LOOKUP_EVERY_S
+        self._budget_at = -_BUDGET_EVERY_S  # when the keeper last answered
+        self._budget_ok = True  # False: the keeper did not answer; admit nothing
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fleet-loop", daemon=True)
         self._thread.start()
@@ -115,6 +133,10 @@ class FleetScheduler:
         with self._lock:
             self._raise_fault()
             self._book.check_new(plan.batch_id)
+        self._register_budget(plan)
+        with self._lock:
+            self._raise_fault()
+            self._book.check_new(plan.batch_id)
             now = utcnow()
             submitted = submitted_event(plan.spec, tasks=len(plan.tasks),
                                         options={"backend": plan.backend.value},
@@ -122,6 +144,7 @@ class FleetScheduler:
             table = queued_events(plan.tasks, reason="submitted", node=self._node, time=now)
             self._write([("events", [submitted]), ("events", table)], durable=True)
             self._book.register(plan, {t.task_id: 1 for t in plan.tasks}, {})
+            self._budget_at = -_BUDGET_EVERY_S  # ask about the new batch before admitting it
             self._changed.notify_all()
             return self._status(plan.batch_id)
 
@@ -138,8 +161,11 @@ class FleetScheduler:
         kind = backend or str(recovery.options.get("backend") or Backend.DOCKER.value)
         plan = plan_batch(spec, backend=kind, policies=self._policies)
         swept = self._sweep_batch(plan) if recovery.todo else []
+        if recovery.todo:
+            self._register_budget(plan)
         with self._lock:
             self._book.register(plan, dict(recovery.todo), dict(recovery.done))
+            self._budget_at = -_BUDGET_EVERY_S
             for task_id, number in recovery.lost:
                 self._book.lost(task_id, batch_id, number)
             rows = self._book.take_rows()
@@ -156,15 +182,32 @@ class FleetScheduler:
             self._changed.notify_all()
             return {**self._status(batch_id), "swept": swept}
 
-    def cancel(self, target: str) -> dict[str, Any]:
-        """Cancel a batch, a task id, or `batch/task`: queued -> cancelled at once; running
-        -> its attempt is cancelled (its sandbox stopped and swept, then `cancelled`)."""
+    def cancel(
+        self, target: str, *, outcome: str | TaskState = TaskState.CANCELLED,
+        reason: str | None = None, attempt: int | None = None,
+    ) -> dict[str, Any] | bool:  # fmt: skip
+        """Cancel a batch, a task id, or `batch/task`: queued -> `outcome` at once; running
+        -> its attempt is cancelled (its sandbox stopped and swept, then `outcome` with
+        `reason`, never retried). `outcome` is `cancelled` (a person), `stopped_by_rule`
+        (the Monitor) or `budget_exceeded`. With `attempt`, only that attempt of one task
+        is stopped; False (nothing done) when it is not the task's current attempt."""
+        try:
+            state = TaskState(outcome)
+        except ValueError:
+            raise SchedulerError(
+                f"cancel {target}: unknown outcome {outcome!r} (fix: cancelled, "
+                "stopped_by_rule or budget_exceeded)"
+            ) from None
         with self._lock:
-            removed, attempts = self._book.cancel(target)
-            for attempt in attempts:
-                attempt.cancel_at = time.monotonic()
-                if not attempt.ended:
-                    ray.cancel(attempt.ref, force=False)
+            done = self._book.cancel(target, outcome=state, reason=reason, attempt=attempt)
+            if done is None:
+                log.info("cancel %s attempt %s refused: not its current attempt", target, attempt)
+                return False
+            removed, attempts = done
+            for attempt_ in attempts:
+                attempt_.cancel_at = time.monotonic()
+                if not attempt_.ended:
+                    ray.cancel(attempt_.ref, force=False)
             self._write(self._book.take_rows(), settle=True)
             self._changed.notify_all()
         return {"target": target, "cancelled_queued": removed, "cancelling_running": len(attempts)}
@@ -214,6 +257,11 @@ class FleetScheduler:
             "demand": self._demand.published or 0,
         }
         snap["fault"] = self._fault
+        snap["budget"] = {
+            "keeper": self._keeper is not None,
+            "held_teams": sorted(self._book.held_teams),
+            "exhausted_batches": sorted(self._book.exhausted),
+        }
         return snap
 
     def _write(self, rows: list[tuple[str, Any]], *, settle: bool = False,
@@ -255,6 +303,7 @@ class FleetScheduler:
                 return
 
     def _turn(self) -> None:
+        self._check_budgets()
         with self._lock:
             self._expire_cancels()
             self._admit()
@@ -296,8 +345,11 @@ class FleetScheduler:
         return free_capacity(self._totals, held, lookahead=self._lookahead)
 
     def _admit(self) -> None:
-        if self._fault or not len(self._book.queue):
+        if self._fault or not self._budget_ok or not len(self._book.queue):
             return
+        stale = time.monotonic() - self._budget_at >= _BUDGET_EVERY_S
+        if self._keeper is not None and stale:
+            return  # a batch arrived since the keeper last answered: ask it first
         capacity = self._capacity()
         if capacity.slots <= 0:
             return
@@ -310,6 +362,87 @@ class FleetScheduler:
             )
             attempt.ref = run_attempt.options(**options).remote(request, self._me)
             self._inflight[attempt.ref] = attempt
+
+    # -- budgets ---------------------------------------------------------------------
+
+    def _budget_keeper(self, *, now: bool = False) -> Any:
+        """The `budget` actor, or None while none runs (looked for again every few seconds,
+        or `now`)."""
+        if self._keeper is not None:
+            return self._keeper
+        at = time.monotonic()
+        if not now and at - self._keeper_looked < _BUDGET_LOOKUP_EVERY_S:
+            return None
+        self._keeper_looked = at
+        try:
+            self._keeper = ray.get_actor(BUDGET_NAME, namespace=NAMESPACE)
+        except ValueError:
+            return None
+        return self._keeper
+
+    def _register_budget(self, plan: Plan) -> None:
+        """Tell the keeper (if one runs) the batch's caps before any of it is admitted."""
+        keeper = self._budget_keeper(now=True)
+        if keeper is None:
+            return
+        try:
+            from scheduler.budget_keeper import batch_caps
+        except ImportError:  # an older keeper module: the policies' default caps apply
+            caps: dict[str, Any] = {"batch_id": plan.batch_id, "team": plan.team}
+        else:
+            caps = batch_caps(plan.spec)
+        try:
+            ray.get(keeper.register_batch.remote(**caps), timeout=_BUDGET_TIMEOUT_S)
+        except (GetTimeoutError, RayError) as e:
+            self._keeper = None
+            raise BudgetError(
+                f"batch {plan.batch_id}: the budget keeper did not register it ({e}); nothing "
+                f"was started (fix: check the `{BUDGET_NAME}` actor with `ray list actors`, "
+                "then run the batch again)"
+            ) from None
+
+    def _check_budgets(self) -> None:
+        """Ask the keeper whether each waiting batch and team is exhausted; end or park
+        their queued tasks. A keeper that does not answer holds admission."""
+        with self._lock:
+            if time.monotonic() - self._budget_at < _BUDGET_EVERY_S:
+                return
+            if not len(self._book.queue) and not self._book.held:
+                return
+            keeper = self._budget_keeper()
+            if keeper is None:
+                self._budget_ok = True
+                return
+            batches = self._book.waiting_batches()
+            teams = sorted(self._book.waiting_teams())
+        try:
+            refs = [keeper.batch_exhausted.remote(b) for b in batches]
+            refs += [keeper.team_exhausted.remote(t) for t in teams]
+            answers = ray.get(refs, timeout=_BUDGET_TIMEOUT_S)
+        except (GetTimeoutError, RayError) as e:
+            log.warning("the budget keeper did not answer (%s): admitting nothing for now", e)
+            with self._lock:
+                self._keeper = None if not isinstance(e, GetTimeoutError) else self._keeper
+                self._budget_ok = False
+                self._budget_at = time.monotonic()
+            return
+        with self._lock:
+            ended = False
+            for batch_id, exhausted in zip(batches, answers[: len(batches)], strict=True):
+                if exhausted:
+                    self._book.exhaust_batch(batch_id)
+                    ended = ended or self._book.done(batch_id)
+            for team, exhausted in zip(teams, answers[len(batches) :], strict=True):
+                if exhausted and team not in self._book.held_teams:
+                    self._book.hold_team(team)
+                elif not exhausted and team in self._book.held_teams:
+                    self._book.release_team(team)
+            self._budget_ok = True
+            self._budget_at = time.monotonic()
+            # A batch the budget ended is reported done only once the ledger has its rows.
+            self._write(self._book.take_rows(), settle=ended)
+            if ended:
+                self._changed.notify_all()
 
     def _expire_cancels(self) -> None:
         now = time.monotonic()
@@ -328,7 +461,7 @@ class FleetScheduler:
         except Exception as e:  # whatever ray.get raises is how this attempt ended
             verdict = judge_error(e, cancelled_by_us=attempt.cancelled)
         if attempt.cancelled and (verdict.infra or result is None):
-            verdict = Verdict(TaskState.CANCELLED, "cancelled")
+            verdict = Verdict(attempt.stop_state, attempt.stop_reason)
         step = next_step(verdict, attempt.number, attempt.task.spec.max_attempts)
         plan = self._book.plan_of(attempt.task)
         if plan.backend is Backend.DOCKER and (verdict.infra or result is None):
@@ -374,7 +507,14 @@ class FleetScheduler:
 def get_scheduler(
     data_dir: str, *, policies: Policies | None = None, max_slots: int | None = None
 ) -> Any:
-    """The cluster's scheduler actor, created on first use (on the head when it can be)."""
+    """The cluster's scheduler actor, created on first use (on the head when it can be),
+    with the cluster's budget keeper (the runner's gateway fails closed without one)."""
+    try:
+        from scheduler.budget_keeper import get_budget_keeper
+    except ImportError:  # no keeper in this build: budgets are not enforced
+        pass
+    else:
+        get_budget_keeper(policies, data_dir)
     handle = FleetScheduler.options(  # type: ignore[attr-defined]
         name=SCHEDULER_NAME,
         namespace=NAMESPACE,

@@ -4,12 +4,20 @@ Named `ledger` in namespace `sandfleet`, `num_cpus=0`, detached (the scheduler o
 the driver that started it, and so must its ledger), on the head node when the cluster
 offers the head resource. Callers append batches of rows (records, mappings or an Arrow
 table) and flush; one actor is one audit chain (a restarted actor starts a new chain).
+
+The tee: every batch the writer accepted is also sent to the Monitor actor (`monitor`
+in the same namespace) when one runs, fire and forget (`ingest.remote`, never waited
+for: the Monitor appends its findings back here). The Monitor is looked up lazily and
+again every `_MONITOR_LOOKUP_S`; while it lags more than `_TEE_MAX_PENDING` calls
+behind, batches are not teed (counted in `tee_stats`), so the ledger never waits on it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -25,6 +33,12 @@ NAMESPACE: Final = "sandfleet"
 LEDGER_NAME: Final = "ledger"
 HEAD_RESOURCE: Final = "sandfleet_head"
 """The custom resource cluster.yaml gives the head node; control actors ask for a sliver."""
+MONITOR_NAME: Final = "monitor"  # scheduler.monitor_actor's actor
+_TEED: Final = frozenset({"events", "charges", "tasks"})
+_MONITOR_LOOKUP_S: Final = 2.0
+_TEE_MAX_PENDING: Final = 1000
+
+log = logging.getLogger(__name__)
 
 
 def head_options() -> dict[str, Any]:
@@ -43,6 +57,11 @@ class LedgerActor:
         self._writer = LedgerWriter(
             data_dir, node=socket.gethostname(), flush_interval_s=flush_interval_s
         )
+        self._monitor: Any = None
+        self._monitor_at = -_MONITOR_LOOKUP_S
+        self._tee_pending: list[Any] = []
+        self._tee_sent = 0
+        self._tee_dropped = 0
 
     def data_dir(self) -> str:
         return self._data_dir
@@ -52,11 +71,64 @@ class LedgerActor:
 
     def append(self, table: str, rows: Rows) -> int:
         """Validate and buffer rows of one table; returns how many were accepted."""
-        return len(self._writer.append(table, rows))
+        n = len(self._writer.append(table, rows))
+        self._tee([(table, rows)] if n else [])
+        return n
 
     def append_many(self, batches: list[tuple[str, Rows]]) -> int:
         """Several tables' rows in one call, in order."""
-        return sum(len(self._writer.append(table, rows)) for table, rows in batches)
+        n, accepted = 0, []
+        for table, rows in batches:
+            k = len(self._writer.append(table, rows))
+            n += k
+            if k:
+                accepted.append((table, rows))
+        self._tee(accepted)
+        return n
+
+    def tee_stats(self) -> dict[str, Any]:
+        """Batches sent to the Monitor, dropped while it lagged, and still in flight."""
+        return {
+            "monitor": self._monitor is not None,
+            "sent": self._tee_sent,
+            "dropped": self._tee_dropped,
+            "pending": len(self._tee_pending),
+        }
+
+    # -- the tee -------------------------------------------------------------------------
+
+    def _monitor_handle(self) -> Any:
+        """The Monitor actor, looked up again every `_MONITOR_LOOKUP_S` (it may start
+        later, or be replaced); None while none runs."""
+        now = time.monotonic()
+        if now - self._monitor_at >= _MONITOR_LOOKUP_S:
+            self._monitor_at = now
+            try:
+                self._monitor = ray.get_actor(MONITOR_NAME, namespace=NAMESPACE)
+            except ValueError:
+                self._monitor = None
+        return self._monitor
+
+    def _tee(self, batches: list[tuple[str, Rows]]) -> None:
+        """Send accepted rows to the Monitor, fire and forget (see the module doc)."""
+        batches = [(t, rows) for t, rows in batches if t in _TEED]
+        if not batches:
+            return
+        monitor = self._monitor_handle()
+        if monitor is None:
+            return
+        if self._tee_pending:
+            _, self._tee_pending = ray.wait(
+                self._tee_pending, num_returns=len(self._tee_pending), timeout=0
+            )
+        for table, rows in batches:
+            if len(self._tee_pending) >= _TEE_MAX_PENDING:
+                self._tee_dropped += 1
+                if self._tee_dropped == 1 or self._tee_dropped % 1000 == 0:
+                    log.warning("the Monitor lags: %d batches not teed", self._tee_dropped)
+                continue
+            self._tee_pending.append(monitor.ingest.remote(table, rows))
+            self._tee_sent += 1
 
     def flush(self) -> int:
         """Make every row appended so far durable; returns the rows written so far."""

@@ -43,9 +43,11 @@ class _LedgerSink:
 
 
 def _cancel(task: str, attempt: int, reason: str) -> None:
-    """Stop an attempt through the FleetScheduler (the lead maps this to stopped_by_rule)."""
-    del attempt, reason  # FleetScheduler.cancel takes the task; see the module doc
-    ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE).cancel.remote(task)
+    """Stop attempt `attempt` of `task` through the FleetScheduler: it ends
+    `stopped_by_rule` with `reason` (the scheduler refuses a stale attempt)."""
+    ray.get_actor(SCHEDULER_NAME, namespace=NAMESPACE).cancel.remote(
+        task, outcome="stopped_by_rule", reason=reason, attempt=attempt or None
+    )
 
 
 @ray.remote(num_cpus=0, max_concurrency=8, max_restarts=-1, max_task_retries=0)  # type: ignore[call-overload]

@@ -28,6 +28,8 @@ _COLOURS: Final = {
     "oom": "magenta",
     "timed_out": "yellow",
     "cancelled": "bright_black",
+    "budget_exceeded": "bright_red",
+    "stopped_by_rule": "orange3",
 }
 
 

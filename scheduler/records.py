@@ -6,7 +6,8 @@
   terminal state the attempt's `outcome` and `exit_code`).
 - `queued_events`: the first `queued` of every task of a batch, as one Arrow table
   (100,000 rows build in well under a second; records would take seconds).
-- `attempt_summary`: the `tasks` row of one attempt, from the runner's result dict.
+- `attempt_summary`: the `tasks` row of one attempt, from the runner's result dict
+  (its `costs`, tokens and LLM calls as the node's gateway metered them; 0 when absent).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from accounting.errors import SchemaError
 from accounting.schemas import (
     DATA_SCHEMAS,
     Event,
@@ -27,7 +29,14 @@ from accounting.schemas import (
 )
 from scheduler.spec import BatchSpec, TaskSpec
 
-__all__ = ["attempt_summary", "queued_events", "state_event", "submitted_event", "utcnow"]
+__all__ = [
+    "attempt_summary",
+    "metered",
+    "queued_events",
+    "state_event",
+    "submitted_event",
+    "utcnow",
+]
 
 
 def utcnow() -> datetime:
@@ -123,6 +132,44 @@ def _started(result: Mapping[str, Any] | None, fallback: datetime | None) -> dat
     return fallback
 
 
+_COST_KINDS = ("compute", "llm", "storage", "network")
+
+
+def _count(value: Any, what: str) -> int:
+    """A metered amount (int nano-USD or a count) from a result dict; absent or None is 0."""
+    if value is None or value == "":
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise SchemaError(
+            f"runner result: {what} = {value!r} is not an integer (fix: the node reports "
+            "nano-USD and counts as integers, never floats)"
+        )
+    try:
+        return int(value)
+    except ValueError:
+        raise SchemaError(f"runner result: {what} = {value!r} is not an integer") from None
+
+
+def metered(result: Mapping[str, Any] | None) -> dict[str, int]:
+    """The `tasks` row's cost, token and call columns from a runner result: `costs` holds
+    `compute_nusd`, `llm_nusd`, `storage_nusd`, `network_nusd` (or `cost_*_nusd`); the
+    tokens and calls are top-level (or in `costs`). Absent means 0."""
+    r = result or {}
+    costs = r.get("costs") or {}
+    if not isinstance(costs, Mapping):
+        raise SchemaError(f"runner result: costs = {costs!r} is not a mapping")
+    out: dict[str, int] = {}
+    for kind in _COST_KINDS:
+        value = costs.get(f"{kind}_nusd", costs.get(f"cost_{kind}_nusd"))
+        out[f"cost_{kind}_nusd"] = _count(value, f"costs.{kind}_nusd")
+    out["cost_total_nusd"] = sum(out[f"cost_{k}_nusd"] for k in _COST_KINDS)
+    for name in ("tokens_input", "tokens_output", "llm_calls"):
+        out[name] = _count(r.get(name, costs.get(name)), name)
+    return out
+
+
 def attempt_summary(
     task: TaskSpec,
     *,
@@ -134,7 +181,7 @@ def attempt_summary(
     started: datetime | None,
     time: datetime,
 ) -> TaskSummary:
-    """The `tasks` row of one attempt. Costs and tokens are 0 until the gateway meters them."""
+    """The `tasks` row of one attempt; costs and tokens from the result (`metered`)."""
     r = result or {}
     began = _started(result, started)
     duration_s = r.get("duration_s")
@@ -155,14 +202,7 @@ def attempt_summary(
         timed_out=bool(r.get("timed_out", False)),
         started=began,
         duration_ms=round(float(duration_s or 0.0) * 1000),
-        cost_compute_nusd=0,
-        cost_llm_nusd=0,
-        cost_storage_nusd=0,
-        cost_network_nusd=0,
-        cost_total_nusd=0,
-        tokens_input=0,
-        tokens_output=0,
-        llm_calls=0,
+        **metered(result),
         files_changed=int(r.get("files_changed") or 0),
         lines_added=int(r.get("insertions") or 0),
         lines_deleted=int(r.get("deletions") or 0),

@@ -117,6 +117,12 @@ def judge_result(result: Mapping[str, Any]) -> Verdict:
         return Verdict(TaskState.OOM, "the out-of-memory killer ended the sandbox")
     if outcome == "timeout":
         return Verdict(TaskState.TIMED_OUT, f"killed at the timeout of {result.get('timeout_s')}s")
+    if outcome == "budget_exceeded":
+        why = result.get("error") or result.get("reason") or "a budget cap refused a reservation"
+        return Verdict(TaskState.BUDGET_EXCEEDED, f"budget exceeded: {why}")
+    if outcome == "stopped_by_rule":
+        why = result.get("error") or result.get("reason") or "a streaming rule stopped it"
+        return Verdict(TaskState.STOPPED_BY_RULE, str(why))
     if outcome == "error":
         kind = str(result.get("error_type") or "error")
         message = f"{kind}: {result.get('error')}"

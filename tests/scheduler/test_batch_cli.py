@@ -65,7 +65,7 @@ def valid_batch(tmp_path: Path) -> dict[str, Any]:
         "tasks": [
             {"id": "ok", "repo": str(src), "command": "echo hello"},
             {"id": "edit", "repo": str(src), "command": "echo more >> README"},
-            {"id": "bad", "repo": str(src), "command": "echo oops >&2; exit 4"},
+            {"id": "bad", "repo": str(src), "command": "echo oops >&2; exit 3"},
         ],
     }
 
@@ -198,8 +198,10 @@ def test_run_on_an_embedded_ray_then_status_logs_and_diff_from_the_ledger(
     path = write(tmp_path, valid_batch(tmp_path))
     data = str(tmp_path / "data")
     code, out, err = sandfleet(["run", str(path), "--backend", "fake", "--data-dir", data,
-                                "--slots", "2", "--json"], capsys)  # fmt: skip
-    assert code == 1, err  # one task exits 4
+                                "--slots", "2", "--dashboard-port", "0", "--json"],
+                               capsys)  # fmt: skip
+    assert code == 1, err  # one task exits 3
+    assert "dashboard: http://127.0.0.1:" in err  # the Monitor served it during the run
     report = json.loads(out)
     assert report["states"] == {"succeeded": 2, "failed": 1} and report["exit_code"] == 1
     assert not ray.is_initialized(), "the embedded cluster was not shut down"
@@ -221,7 +223,8 @@ def test_run_on_an_embedded_ray_then_status_logs_and_diff_from_the_ledger(
 
     # Resuming a finished batch runs nothing again and records no second outcome.
     code, out, err = sandfleet(["resume", report["batch"], "--data-dir", data, "--slots", "2",
-                                "--json"], capsys)  # fmt: skip
+                                "--no-dashboard", "--json"], capsys)  # fmt: skip
+    assert "dashboard:" not in err
     assert code == 1, err
     assert json.loads(out)["states"] == {"succeeded": 2, "failed": 1}
     rows = state_rows(data, report["batch"])

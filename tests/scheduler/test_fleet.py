@@ -31,6 +31,7 @@ from scheduler.testing import (
     state_rows,
     stop_fleet,
     terminal_counts,
+    wait_actor_gone,
 )
 
 pytestmark = [pytest.mark.ray]
@@ -58,7 +59,16 @@ def policies_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def settings(cluster: str, data_dir: Path, policies_path: Path) -> Iterator[Settings]:
     yield Settings(data_dir=str(data_dir), policies_path=str(policies_path), poll_s=0.2)
+    from scheduler.node_attempt import close_node_gateways
+
+    close_node_gateways()  # a node's gateway writes for one data dir: the next test has its own
     stop_fleet()
+    try:
+        keeper = ray.get_actor("budget", namespace="sandfleet")
+    except ValueError:
+        return
+    ray.kill(keeper, no_restart=True)
+    wait_actor_gone("budget")
 
 
 @pytest.fixture
