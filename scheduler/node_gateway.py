@@ -296,6 +296,24 @@ class NodeGateway:
                     "lost_commands": capture.lost_commands}  # fmt: skip
         return out
 
+    def close_orphans(
+        self, batch: str, task: str | None = None, attempt: int | None = None
+    ) -> list[str]:
+        """Close every live attempt of `batch` (or of one task / attempt) whose runner is
+        gone (a killed scheduler, a cancel): its capture stops watching the workspace, its
+        lease settles, its token dies. The sweep calls this before removing workspaces."""
+        with self._lock:
+            refs = [
+                ref
+                for ref in self._live
+                if ref.batch == batch
+                and (task is None or ref.task == task)
+                and (attempt is None or ref.attempt == attempt)
+            ]
+        for ref in refs:
+            self.close_attempt(ref)
+        return [str(ref) for ref in refs]
+
     def close_attempt(self, ref: AttemptRef) -> dict[str, Any]:
         """End the attempt here: any capture left running, its lease settled for the time
         used, its token revoked and its socket removed. Idempotent."""

@@ -331,6 +331,21 @@ def run_attempt(request: AttemptRequest, scheduler: tuple[str, str] | None = Non
     return execute(_backend(request.backend), request, node, node_hooks)
 
 
+def _close_node_attempts(batch: str, task: str | None, attempt: int | None) -> None:
+    """Tell this node's gateway (if it runs) that these attempts are over, so nothing of
+    theirs (capture, socket, token) outlives them or holds their workspace."""
+    from scheduler.ledger_actor import NAMESPACE
+
+    node_id = ray.get_runtime_context().get_node_id()
+    try:
+        gateway = ray.get_actor(f"gateway-{node_id}", namespace=NAMESPACE)
+    except ValueError:
+        return  # no gateway on this node: nothing of theirs to close
+    closed = ray.get(gateway.close_orphans.remote(batch, task, attempt), timeout=120)
+    if closed:
+        log.info("closed orphaned attempts on node %s: %s", node_id[:12], closed)
+
+
 @ray.remote(num_cpus=0, max_retries=0)
 def sweep_sandboxes(
     backend: Backend,
@@ -346,6 +361,7 @@ def sweep_sandboxes(
     """
     if backend is Backend.FAKE:
         return {"containers": [], "workspaces": [], "failures": []}
+    _close_node_attempts(batch, task, attempt)
     from sandbox.reaper import reap
     from sandbox.workspace import remove_workspace, workspace_root
 

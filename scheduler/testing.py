@@ -120,15 +120,23 @@ def flush_ledger() -> int:
 
 
 def stop_fleet() -> dict[str, Any]:
-    """Close and kill the scheduler and the ledger actors (if any); report what was done."""
+    """Close and kill sandfleet's actors (scheduler, node gateways, budget keeper, monitor,
+    ledger; those that exist), in an order that loses no row; report what was done."""
     import ray
     from ray.exceptions import RayActorError
 
+    from scheduler.budget_keeper import KEEPER_NAME
     from scheduler.fleet import SCHEDULER_NAME
     from scheduler.ledger_actor import LEDGER_NAME, NAMESPACE
+    from scheduler.monitor_actor import MONITOR_NAME
+    from scheduler.node_attempt import close_node_gateways
 
     done: dict[str, Any] = {}
-    for name, closing in ((SCHEDULER_NAME, "close"), (LEDGER_NAME, "close")):
+    order = (SCHEDULER_NAME, None, KEEPER_NAME, MONITOR_NAME, LEDGER_NAME)  # None: gateways
+    for name, closing in ((n, "close") for n in order):
+        if name is None:  # the nodes' gateways flush into the ledger: before it closes
+            done["gateways"] = close_node_gateways()
+            continue
         try:
             handle = ray.get_actor(name, namespace=NAMESPACE)
         except ValueError:
