@@ -26,17 +26,22 @@ engine: venv
 images: venv engine
 	@$(SF) images build
 
-# Until the demo batch lands (issue 7): one real task in a `python` sandbox, then its
-# collected diff and archive.
-DEMO_TASK := textstats-$(shell date +%Y%m%dT%H%M%S)
+# The demo: agents fix real bugs in four small repositories, each task in its own
+# sandbox, every LLM call (the offline `scripted` model) metered into the ledger; then
+# the cost report, the anomalies and the audit. Each run is a new batch (--again); the
+# ledger keeps them all. Some tasks fail on purpose (see configs/batches/demo.yaml), so
+# `sandfleet run` exits 1 and the demo carries on.
+DEMO_DATA ?= sandfleet-data
 demo: setup
-	@echo "== sandfleet sandbox run --template python --repo configs/demo/textstats"
-	@$(SF) sandbox run --template python --repo configs/demo/textstats \
-		--batch demo --task $(DEMO_TASK) -- sh -c "$$(cat configs/demo/fix-textstats.sh)"
-	@echo "== archive: sandfleet-data/archive/demo/$(DEMO_TASK)/1"
-	@ls -l sandfleet-data/archive/demo/$(DEMO_TASK)/1
-	@echo "== diff.patch"
-	@cat sandfleet-data/archive/demo/$(DEMO_TASK)/1/diff.patch
+	@$(PY) -m scheduler.demo_repos
+	@$(SF) run configs/batches/demo.yaml --again --data-dir $(DEMO_DATA) || test $$? -eq 1
+	@$(SF) run configs/batches/demo-research.yaml --again --data-dir $(DEMO_DATA) || test $$? -eq 1
+	@echo; echo "== sandfleet report cost --by team,task_type,model"
+	@$(SF) report cost --by team,task_type,model --data-dir $(DEMO_DATA)
+	@echo; echo "== sandfleet anomalies"
+	@$(SF) anomalies --data-dir $(DEMO_DATA)
+	@echo; echo "== sandfleet audit verify"
+	@$(SF) audit verify --data-dir $(DEMO_DATA)
 
 # Engines the tests start themselves: a real Prometheus and a headless Chromium.
 TEST_PACKAGES := prometheus chromium

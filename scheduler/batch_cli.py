@@ -126,13 +126,21 @@ def _follow(
 @_dashboard_port
 @_no_dashboard
 @click.option("--force", is_flag=True, help="Run even when the estimate exceeds the cap.")
+@click.option(
+    "--again",
+    is_flag=True,
+    help="Run a batch that is already in the ledger anew, as <id>-<UTC time>.",
+)
 @_json
-def run_cmd(batch: str, as_json: bool, force: bool, **kw: Any) -> None:
+def run_cmd(batch: str, as_json: bool, force: bool, again: bool, **kw: Any) -> None:
     """Run BATCH (a YAML file) to completion, with live progress and a final summary."""
+    from datetime import UTC, datetime
+
     from scheduler import driver
 
     settings = _settings(**kw)
-    plan = driver.prepare(batch, settings)
+    tag = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") if again else None
+    plan = driver.prepare(batch, settings, again=tag)
     _check_images(plan, settings)
     refusal = driver.refusal_of_estimate(plan, settings)
     if refusal and not force:

@@ -75,11 +75,17 @@ def _policies(settings: Settings) -> Policies:
     return load_policies(settings.policies_path) if settings.policies_path else load_policies()
 
 
-def prepare(batch_path: str | os.PathLike[str], settings: Settings) -> Plan:
-    """Validate and plan a batch file; refuse (ConfigError) a batch already in the ledger."""
+def prepare(
+    batch_path: str | os.PathLike[str], settings: Settings, *, again: str | None = None
+) -> Plan:
+    """Validate and plan a batch file; refuse (ConfigError) a batch already in the ledger.
+
+    `again` (a run tag) runs the same content as a new batch, `<id>-<tag>`."""
     from scheduler.spec import load_batch
 
     spec = load_batch(batch_path)
+    if again:
+        spec = spec.again(again)
     plan = plan_batch(spec, backend=settings.backend, policies=_policies(settings))
     if Path(settings.data_dir, "ledger").exists():
         from scheduler.history import submitted_batches
@@ -88,7 +94,7 @@ def prepare(batch_path: str | os.PathLike[str], settings: Settings) -> Plan:
             raise ConfigError(
                 f"{batch_path}: batch {plan.batch_id} is already in the ledger under "
                 f"{settings.data_dir} (fix: `sandfleet resume {plan.batch_id}` to finish it, "
-                "`sandfleet status` to see it, or change the batch's name to run it anew)"
+                "`sandfleet status` to see it, or `sandfleet run --again` to run it anew)"
             )
     return plan
 
