@@ -64,6 +64,7 @@ def _settings(**kw: Any) -> Any:
     return Settings(
         data_dir=resolve_data_dir(kw.pop("data_dir", None)),
         backend=Backend(backend or Backend.DOCKER.value),
+        monitor=True,  # the streaming rules act on every run, dashboard or not
         dashboard=dashboard,
         **{k: v for k, v in kw.items() if v is not None},
     )

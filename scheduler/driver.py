@@ -66,7 +66,8 @@ class Settings:
     max_slots: int | None = None  # autoscaling cap (default: cluster config, else cluster size)
     cluster_config: str | None = None
     poll_s: float = 0.5
-    dashboard: bool = False  # start the Monitor (`sandfleet run` does unless --no-dashboard)
+    monitor: bool = False  # run the Monitor: live state, streaming rules and their actions
+    dashboard: bool = False  # also serve its dashboard and /metrics (--no-dashboard: off)
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = DEFAULT_DASHBOARD_PORT  # 0: any free port
 
@@ -146,8 +147,9 @@ def _start_monitor(settings: Settings) -> tuple[Any, str | None]:
 
     try:
         monitor = get_monitor(settings.dashboard_host, settings.dashboard_port,
-                              _policies(settings))  # fmt: skip
-        return monitor, str(ray.get(monitor.url.remote(), timeout=60))
+                              _policies(settings), serve=settings.dashboard)  # fmt: skip
+        url = str(ray.get(monitor.url.remote(), timeout=60))
+        return monitor, url or None
     except (RayError, OSError) as e:
         log.warning(
             "the Monitor (dashboard, streaming rules) did not start on %s:%s: %s (fix: "
@@ -160,7 +162,7 @@ def _start_monitor(settings: Settings) -> tuple[Any, str | None]:
 @contextlib.contextmanager
 def connect(settings: Settings) -> Iterator[Cluster]:
     """Join `settings.address` (or an already connected Ray), else start an embedded one;
-    start the Monitor unless `settings.dashboard` is off."""
+    start the Monitor when `settings.monitor` (or `settings.dashboard`) asks for it."""
     import ray
 
     from scheduler.autoscale import SLOT_RESOURCE
@@ -190,7 +192,7 @@ def connect(settings: Settings) -> Iterator[Cluster]:
             settings.data_dir, policies=_policies(settings), max_slots=_max_slots(settings)
         )
         cluster = Cluster(embedded, ledger, scheduler)
-        if settings.dashboard:
+        if settings.monitor or settings.dashboard:
             cluster.monitor, cluster.dashboard_url = _start_monitor(settings)
         yield cluster
     except BaseException:

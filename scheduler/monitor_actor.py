@@ -61,6 +61,7 @@ class Monitor:
         policies: Policies | None = None,
         tick_s: float = 1.0,
         wire: bool = True,
+        serve: bool = True,
     ) -> None:
         rules = (policies or load_policies()).anomalies
         self.core = MonitorCore(
@@ -69,8 +70,10 @@ class Monitor:
             sink=_LedgerSink() if wire else None,
             background_actions=True,
         )
-        self.server = DashboardServer(self.core, host, port)
-        self.server.start()
+        # serve=False: the rules and their actions still run; only the web page is off
+        self.server = DashboardServer(self.core, host, port) if serve else None
+        if self.server is not None:
+            self.server.start()
         self._stop = threading.Event()
         self._tick_s = tick_s
         self._ticker = threading.Thread(target=self._tick, name="monitor-tick", daemon=True)
@@ -85,7 +88,7 @@ class Monitor:
         return len(self.core.ingest(rows, table))
 
     def url(self) -> str:
-        return self.server.url
+        return self.server.url if self.server is not None else ""
 
     def fleet(self) -> dict[str, Any]:
         return self.core.fleet()
@@ -94,12 +97,17 @@ class Monitor:
         """Stop the ticker, the server and the action worker (the actor stays)."""
         self._stop.set()
         self._ticker.join()
-        self.server.stop()
+        if self.server is not None:
+            self.server.stop()
         self.core.close()
 
 
 def get_monitor(
-    host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, policies: Policies | None = None
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    policies: Policies | None = None,
+    *,
+    serve: bool = True,
 ) -> Any:
     """The cluster's Monitor actor, created (and serving) on first use."""
     return Monitor.options(  # type: ignore[attr-defined]
@@ -108,4 +116,4 @@ def get_monitor(
         lifetime="detached",
         get_if_exists=True,
         **head_options(),
-    ).remote(host, port, policies)
+    ).remote(host, port, policies, serve=serve)
