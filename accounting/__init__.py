@@ -3,8 +3,7 @@ chain, DuckDB reports and anomaly rules. Imports neither `scheduler` nor `sandbo
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from accounting.lazy import lazy_exports
 
 # Each public name and the module that defines it; imported on first use (PEP 562),
 # so `import accounting.<module>` never pays for the heavy ones.
@@ -39,6 +38,7 @@ _EXPORTS = {
     "LedgerError": "accounting.errors",
     "LedgerStore": "accounting.store",
     "LedgerWriter": "accounting.writer",
+    "lazy_exports": "accounting.lazy",
     "llm_call_charges": "accounting.charging",
     "load_model": "accounting.config",
     "load_policies": "accounting.policies",
@@ -84,15 +84,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

@@ -3,8 +3,7 @@ LedgerActor, Monitor, BudgetKeeper, NodeGateway), the runner of one attempt, and
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from accounting.lazy import lazy_exports
 
 # Each public name and the module that defines it; imported on first use (PEP 562),
 # so `import scheduler.<module>` never pays for the heavy ones.
@@ -87,15 +86,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
