@@ -341,7 +341,7 @@ def _close_node_attempts(batch: str, task: str | None, attempt: int | None) -> N
         gateway = ray.get_actor(f"gateway-{node_id}", namespace=NAMESPACE)
     except ValueError:
         return  # no gateway on this node: nothing of theirs to close
-    closed = ray.get(gateway.close_orphans.remote(batch, task, attempt), timeout=120)
+    closed: list[str] = ray.get(gateway.close_orphans.remote(batch, task, attempt), timeout=120)
     if closed:
         log.info("closed orphaned attempts on node %s: %s", node_id[:12], closed)
 
