@@ -29,7 +29,7 @@ from sandbox.attempt import AttemptHooks
 from sandbox.credentials import AttemptRef
 from sandbox.gateway import AttemptGrant
 from scheduler.ledger_actor import NAMESPACE
-from scheduler.node_gateway import NodeChannel, NodeGateway
+from scheduler.node_gateway import GatewayClosing, NodeChannel, NodeGateway
 
 if TYPE_CHECKING:
     from scheduler.runner import AttemptRequest
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _DEADLINE_SLACK_S: Final = 300.0  # the workspace clone and the container start come first
 _CALL_TIMEOUT_S: Final = 120.0
+_REPLACE_S: Final = 30.0  # how long to keep replacing a gateway that is leaving
 _handles: dict[str, tuple[str, Any]] = {}  # node id -> (data dir, gateway), per process
 
 
@@ -53,6 +54,23 @@ def get(ref: Any) -> Any:
         if isinstance(e.cause, SandfleetError):
             raise e.cause from None
         raise
+
+
+def _open(request: AttemptRequest, grant: AttemptGrant, gateway: Any) -> tuple[Any, NodeChannel]:
+    """Open the attempt on this node's gateway; one that just left (idle) is replaced."""
+    from ray.exceptions import RayActorError
+
+    res = request.template.resources
+    deadline = time.monotonic() + _REPLACE_S
+    while True:
+        gw = gateway if gateway is not None else gateway_for_this_node(request.data_dir)
+        try:
+            return gw, get(gw.open_attempt.remote(grant, res.cpus, res.memory))
+        except (GatewayClosing, RayActorError):
+            if gateway is not None or time.monotonic() > deadline:
+                raise
+            _handles.pop(ray.get_runtime_context().get_node_id(), None)
+            time.sleep(0.2)  # the leaving actor's name is freed in a moment
 
 
 def gateway_for_this_node(data_dir: str, **options: Any) -> Any:
@@ -106,7 +124,6 @@ def node_attempt(
     The model it may call is the task's `SANDFLEET_MODEL`; its egress allowlist is the
     template's. Raises BudgetError when its budget cannot pay for a second of compute.
     """
-    gw = gateway if gateway is not None else gateway_for_this_node(request.data_dir)
     model = dict(request.env).get("SANDFLEET_MODEL")
     ref = AttemptRef(request.team, request.batch, request.task, request.attempt)
     grant = AttemptGrant(
@@ -114,8 +131,7 @@ def node_attempt(
         models=(model,) if model else (), egress=tuple(request.template.network_allowlist),
         task_type=task_type,
     )  # fmt: skip
-    res = request.template.resources
-    channel: NodeChannel = get(gw.open_attempt.remote(grant, res.cpus, res.memory))
+    gw, channel = _open(request, grant, gateway)
     node = ray.get_runtime_context().get_node_id()
     identity = CaptureIdentity(ref.team, ref.batch, ref.task, ref.attempt, node, task_type)
     failed = True

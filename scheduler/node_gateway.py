@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,10 @@ def default_root(node_id: str) -> Path:
 
 
 # A threaded actor: the runner's calls, the gateway's loop and the lease thread share it.
+class GatewayClosing(SandboxError):
+    """This node's gateway is leaving (idle); the caller starts a new one and retries."""
+
+
 @ray.remote(num_cpus=0, max_concurrency=64, max_restarts=-1, max_task_retries=0)  # type: ignore[call-overload]
 class NodeGateway:
     """See the module doc."""
@@ -149,6 +154,7 @@ class NodeGateway:
         providers_path: str | None = None,
         lease_s: int = 60,
         stop_grace_s: float = 2.0,
+        idle_exit_s: float = 10.0,
     ) -> None:
         if os.geteuid() != 0:
             raise SandboxError(
@@ -181,6 +187,30 @@ class NodeGateway:
             )
         ).start()  # fmt: skip
         self._leases = ComputeLeases(self._call, lease_s, self._exceeded).start()
+        # An actor keeps its node busy, so the autoscaler would never retire an idle
+        # worker: leave once no attempt has been live for `idle_exit_s` (0: never).
+        self._idle_exit_s = idle_exit_s
+        self._last_busy = time.monotonic()
+        self._closing = False
+        if idle_exit_s > 0:
+            threading.Thread(target=self._exit_when_idle, name="gateway-idle", daemon=True).start()
+
+    def _exit_when_idle(self) -> None:
+        while True:
+            time.sleep(1.0)
+            with self._lock:
+                if self._live:
+                    self._last_busy = time.monotonic()
+                    continue
+                if time.monotonic() - self._last_busy < self._idle_exit_s:
+                    continue
+                self._closing = True
+            break
+        log.info("node gateway %s idle for %.0fs: leaving", self.node_id[:12], self._idle_exit_s)
+        try:
+            self.shutdown()
+        finally:
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def _ledger(self) -> Any:
         try:
@@ -216,6 +246,13 @@ class NodeGateway:
     def open_attempt(self, grant: AttemptGrant, cpus: float, memory_bytes: int) -> NodeChannel:
         """Lease the first stretch of compute, open the gateway socket; raises BudgetError
         when the task's, batch's or team's budget cannot pay for a second of compute."""
+        with self._lock:
+            if self._closing:
+                raise GatewayClosing(
+                    f"the gateway of node {self.node_id[:12]} is leaving (idle); "
+                    "fix: retry, a new one starts"
+                )
+            self._last_busy = time.monotonic()
         self._leases.open(grant.ref, compute_rate_nusd_per_s(self._prices, cpus, memory_bytes))
         try:
             channel = self._thread.open_attempt(grant)
