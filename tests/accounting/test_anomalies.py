@@ -158,7 +158,7 @@ class Ledger:
             task_type="fix",
         )
         self.egress(task, 3, "pypi.org", True)
-        self.egress(task, 4, "github.com", True)
+        self.egress(task, 4, "git.internal.invalid", True)
         self.egress(task, 5, "evil.example", False)  # one refusal is not a pattern
         if finished:
             self.state(task, 30, "succeeded")
@@ -253,7 +253,7 @@ def _seed_denied(led: Ledger) -> None:
 
 def _seed_metadata(led: Ledger) -> None:
     led.state("seed", 0, "running")
-    led.egress("seed", 5, "169.254.169.254", False)
+    led.egress("seed", 5, "metadata.google.internal", False)
     led.state("seed", 20, "succeeded")
 
 

@@ -71,20 +71,6 @@ def settings(cluster: str, data_dir: Path, policies_path: Path) -> Iterator[Sett
     wait_actor_gone("budget")
 
 
-@pytest.fixture
-def base_image(docker_client: Any) -> str:
-    from docker.errors import ImageNotFound
-
-    from sandbox.images import image_ref
-
-    ref = image_ref("base")
-    try:
-        docker_client.images.get(ref)
-    except ImageNotFound:
-        pytest.skip(f"image {ref} is not built (run `sandfleet images build`)")
-    return ref
-
-
 @pytest.mark.slow
 def test_a_thousand_tasks_of_two_teams_finish_each_with_one_outcome_in_fair_shares(
     settings: Settings, tmp_path: Path, policies_path: Path, wait_for: Any

@@ -193,7 +193,7 @@ def test_gates_findings_and_egress_show_on_the_task() -> None:
             a.state(0, "running"),
             a.gate(5, "tests", True),
             a.gate(6, "secret-scan", False, "AWS key in src/x.py"),
-            a.egress(7, "169.254.169.254", False, 80),
+            a.egress(7, "metadata.google.internal", False, 80),
             a.egress(8, "pypi.org", True),
         ]
     )

@@ -50,7 +50,7 @@ def monitor() -> Iterator[tuple[MonitorCore, DashboardServer]]:
             b.state(0.2, "running"),
             b.state(3, "succeeded"),
             a.egress(2, "pypi.org", True),
-            a.egress(3, "169.254.169.254", False),
+            a.egress(3, "metadata.google.internal", False),
         ]
     )
     core.ingest([a.llm(4 + i, 2000, 300, cost_nusd=125_000_000, model="gpt-4.1") for i in range(4)])

@@ -143,7 +143,7 @@ def test_denied_egress_escalates_and_a_metadata_probe_escalates_at_once() -> Non
     (f,) = monitor.ingest([a.egress(20, "h3.example", allowed=False)])
     assert (f.rule, f.action) == ("denied_egress", "escalate")
     b, evs_b = running("meta")
-    evs_b.append(b.egress(10, "[169.254.169.254]", allowed=False, port=80))
+    evs_b.append(b.egress(10, "[fd00:ec2::254]", allowed=False, port=80))
     (g,) = monitor.ingest(evs_b)
     assert g.evidence["metadata"] is True
     assert [e.task for e in rec.escalations] == ["probe", "meta"] and rec.stops == []

@@ -276,20 +276,6 @@ def test_an_exhausted_teams_tasks_wait_queued_until_it_may_spend_again(
     assert status["batches"][plan.batch_id]["states"] == {"succeeded": 3}
 
 
-@pytest.fixture
-def base_image(docker_client: Any) -> str:
-    from docker.errors import ImageNotFound
-
-    from sandbox.images import image_ref
-
-    ref = image_ref("base")
-    try:
-        docker_client.images.get(ref)
-    except ImageNotFound:
-        pytest.skip(f"image {ref} is not built (run `sandfleet images build`)")
-    return ref
-
-
 @pytest.mark.ray
 @pytest.mark.docker
 def test_a_monitor_stop_ends_a_real_sandbox_stopped_by_rule_once_with_no_container_left(
