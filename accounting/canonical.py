@@ -19,8 +19,9 @@ with one `<field>` per column in schema order, every column but `row_hash` (so
 leaf hash of the row (`accounting.merkle`), so the audit tree's leaves are the stored
 row hashes themselves.
 
-`canonical_rows` / `row_hashes` are vectorised (Arrow kernels build the bytes; one tight
-loop hashes them); `canonical_row` / `row_hash` are the plain reference, row by row.
+`canonical_rows` / `row_hashes` are vectorised (Arrow kernels build the bytes;
+`accounting.hashing` hashes them in one native call); `canonical_row` / `row_hash` are
+the plain reference, row by row.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ import hashlib
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from itertools import pairwise
 from typing import Any, Final
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from accounting.hashing import sha256_each
 from accounting.schemas import SCHEMAS
 
 __all__ = [
@@ -100,21 +101,10 @@ def canonical_rows(table: str, data: pa.Table | pa.RecordBatch) -> pa.ChunkedArr
     return pa.chunked_array(chunks, type=pa.binary())
 
 
-def _hash_chunk(encoded: pa.Array) -> bytes:
-    """SHA-256 of every value of a binary array, concatenated (32 bytes each)."""
-    if len(encoded) == 0:
-        return b""
-    offsets = memoryview(encoded.buffers()[1]).cast("i")
-    offs = offsets[encoded.offset : encoded.offset + len(encoded) + 1].tolist()
-    data = memoryview(encoded.buffers()[2])
-    sha = hashlib.sha256
-    return b"".join([sha(data[a:b]).digest() for a, b in pairwise(offs)])
-
-
 def row_hashes(table: str, data: pa.Table | pa.RecordBatch) -> pa.Array:
     """`row_hash` of every row of `data`, as a fixed_size_binary(32) array."""
     encoded = canonical_rows(table, data)
-    digests = b"".join(_hash_chunk(chunk) for chunk in encoded.chunks)
+    digests = b"".join(sha256_each(chunk) for chunk in encoded.chunks)
     n = len(digests) // 32
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), n, [None, pa.py_buffer(digests)])
 

@@ -16,8 +16,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Final
 
-import pyarrow as pa
-import pyarrow.compute as pc
+from accounting.hashing import node_hashes
 
 __all__ = ["EMPTY_ROOT", "MerkleTree", "leaf_hash", "merkle_root", "node_hash"]
 
@@ -54,18 +53,22 @@ class MerkleTree:
         self._push(items, 0)
 
     def extend_blob(self, blob: bytes) -> None:
-        """Add leaf hashes given as one buffer of 32-byte hashes (the fast path)."""
+        """Add leaf hashes given as one buffer of 32-byte hashes (the fast path: each
+        level is hashed in one call, `accounting.hashing.node_hashes`)."""
         n = len(blob) // 32
         if n * 32 != len(blob):
             raise ValueError("a blob of leaf hashes must be a multiple of 32 bytes long")
         self.size += n
-        carry = self._by_height.pop(0, None)
-        if carry is not None:
-            blob = carry + blob
-        if (len(blob) // 32) % 2:
-            self._by_height[0] = blob[-32:]
-            blob = blob[:-32]
-        self._push(_pair_hashes(blob), 1)
+        level = 0
+        while blob:
+            carry = self._by_height.pop(level, None)
+            if carry is not None:
+                blob = carry + blob
+            if (len(blob) // 32) % 2:
+                self._by_height[level] = blob[-32:]
+                blob = blob[:-32]
+            blob = node_hashes(blob)
+            level += 1
 
     def _push(self, items: list[bytes], level: int) -> None:
         sha = hashlib.sha256
@@ -96,19 +99,6 @@ class MerkleTree:
         other.size = self.size
         other._by_height = dict(self._by_height)
         return other
-
-
-def _pair_hashes(blob: bytes) -> list[bytes]:
-    """node_hash of each consecutive pair of 32-byte hashes in `blob` (even count)."""
-    pairs = len(blob) // 64
-    if pairs == 0:
-        return []
-    wide = pa.FixedSizeBinaryArray.from_buffers(pa.binary(64), pairs, [None, pa.py_buffer(blob)])
-    one = pa.scalar(b"\x01", pa.binary())
-    joined = pc.binary_join_element_wise(one, wide.cast(pa.binary()), pa.scalar(b"", pa.binary()))
-    data = memoryview(joined.buffers()[2])
-    sha = hashlib.sha256
-    return [sha(data[i : i + 65]).digest() for i in range(0, 65 * pairs, 65)]
 
 
 def merkle_root(leaves: Sequence[bytes]) -> bytes:

@@ -95,6 +95,7 @@ class SignedState:
     unapplied: list[str] = field(default_factory=list)  # manifests whose output never landed
     compactions: int = 0
     segments: int = 0
+    charge_ids: list[pa.ChunkedArray] = field(default_factory=list)
 
 
 def verify(
@@ -291,6 +292,8 @@ def _read_rows(st: SignedState, path: str, data: bytes, table: str) -> pa.Table 
             )
         if len(bad) > _MAX_ROW_ERRORS:
             st.errors.append(f"segment {path}: {len(bad) - _MAX_ROW_ERRORS} more edited rows")
+    if table == "charges":
+        st.charge_ids.append(rows["charge_id"])
     return (
         rows.drop_columns(["row_hash"])
         .append_column("leaf", computed)
@@ -420,6 +423,7 @@ def _finish(st: SignedState, stale_after_s: float | None, now_us: int) -> Verify
                 final=bool(newest and newest.final),
             )
         )
+    _check_charge_ids(st)
     return VerifyReport(
         errors=tuple(st.errors),
         warnings=tuple(st.warnings),
@@ -430,3 +434,21 @@ def _finish(st: SignedState, stale_after_s: float | None, now_us: int) -> Verify
         compactions=st.compactions,
         uncovered_rows=uncovered,
     )
+
+
+def _check_charge_ids(st: SignedState) -> None:
+    """A charge_id recorded twice would be counted twice: the rows are intact (a warning),
+    but the reports are not (two writers raced on one retried charge)."""
+    if not st.charge_ids:
+        return
+    ids = pa.chunked_array([c for a in st.charge_ids for c in a.chunks], pa.string())
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        shown = ", ".join(
+            f"{v['values']} x{v['counts']}" for v in repeated.to_pylist()[:_MAX_ROW_ERRORS]
+        )
+        st.warnings.append(
+            f"{len(repeated)} charge_id(s) recorded more than once ({shown}): reports count "
+            f"them twice (fix: one writer per data directory, as the LedgerActor is)"
+        )

@@ -14,6 +14,10 @@ GIL), so hashing the next batch overlaps writing this one. At most `_IN_FLIGHT`
 batches wait for the I/O thread (back-pressure). `flush()` returns only when every row
 given before it is durable.
 
+Charges are deduplicated by `charge_id` (`accounting.dedupe`): a retried charge,
+appended again to this writer or already in the ledger from a recent writer, is dropped,
+never counted twice.
+
 Thread-safe: `append` from any thread. Several writers, in several processes, may
 share one data directory: each has its own chain and file names. A failed write keeps
 the unwritten segments; the next `flush()` retries them; the error reaches the caller
@@ -49,6 +53,7 @@ from accounting.audit import (
     sign_document,
 )
 from accounting.canonical import row_hashes
+from accounting.dedupe import RecentChargeIds
 from accounting.errors import LedgerError
 from accounting.merkle import MerkleTree
 from accounting.schemas import SCHEMAS, TABLES
@@ -147,6 +152,8 @@ class LedgerWriter:
         self._prep_lock = threading.RLock()  # hashing, the tree, checkpoints: in seq order
         self._cond = threading.Condition()  # the I/O queue and its outcome
         self._chunks: list[_Chunk] = []
+        self._charge_lock = threading.Lock()  # the dedupe check and the buffering, together
+        self._charge_ids = RecentChargeIds(self.store)
         self._buffered = 0
         self._next_seq = 0
         self._tree = MerkleTree()
@@ -177,9 +184,22 @@ class LedgerWriter:
         """Validate `rows` for `table` and buffer them; returns their `event_seq` range.
 
         The whole batch is refused (`SchemaError`) if any row is bad; nothing of it is kept.
+        A charge whose `charge_id` is already recorded is dropped (a retry), so the range
+        can be shorter than `rows`; `duplicate_charges` counts them.
         """
         self._raise_io_error()
         data = to_table(table, rows)
+        if table == "charges":  # a retried charge is recorded once (`accounting.dedupe`)
+            with self._charge_lock:
+                return self._buffer(table, self._charge_ids.fresh(data))
+        return self._buffer(table, data)
+
+    @property
+    def duplicate_charges(self) -> int:
+        """Charge rows refused because their `charge_id` was already recorded."""
+        return self._charge_ids.dropped
+
+    def _buffer(self, table: str, data: pa.Table) -> range:
         n = data.num_rows
         with self._lock:
             if self._closed:

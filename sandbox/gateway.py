@@ -56,6 +56,7 @@ MOUNT_POINT = "/run/sandfleet"
 PREAMBLE_LLM = b"SANDFLEET/1 llm\r\n"
 PREAMBLE_PROXY = b"SANDFLEET/1 proxy\r\n"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_DRAIN_S = 30.0  # how long closing an attempt waits for its calls in flight to be metered
 
 
 class Reserved(Protocol):
@@ -119,6 +120,7 @@ class _Attempt:
     channel: AttemptChannel
     server: asyncio.AbstractServer
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # its connections' handlers
 
 
 class Gateway:
@@ -238,6 +240,8 @@ class Gateway:
         attempt.server.close()
         for w in list(attempt.writers):
             w.close()
+        if attempt.tasks:  # a call in flight is still paid for: let it be metered
+            await asyncio.wait(list(attempt.tasks), timeout=_DRAIN_S)
         await attempt.server.wait_closed()
         shutil.rmtree(attempt.channel.directory, ignore_errors=True)
 
@@ -273,6 +277,7 @@ class Gateway:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+            attempt.tasks.add(task)
         try:
             try:
                 async with asyncio.timeout(10):
@@ -295,6 +300,7 @@ class Gateway:
             writer.close()
             if task is not None:
                 self._tasks.discard(task)
+                attempt.tasks.discard(task)
 
     def stats(self) -> dict[str, Any]:
         return {

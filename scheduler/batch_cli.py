@@ -42,6 +42,12 @@ _dashboard_port = click.option(
     default=None,
     help="Port of the live dashboard and /metrics (default 8266; 0: any free port).",
 )
+_dashboard_host = click.option(
+    "--dashboard-host",
+    default=None,
+    help="Address the dashboard and /metrics listen on (default 127.0.0.1; 0.0.0.0 for a "
+    "head node reached from other machines: it has no login, keep it on a trusted network).",
+)
 _no_dashboard = click.option(
     "--no-dashboard",
     is_flag=True,
@@ -124,6 +130,7 @@ def _follow(
     type=click.Path(dir_okay=False, exists=True),
     help="Ray cluster YAML whose max size caps the autoscaler request.",
 )
+@_dashboard_host
 @_dashboard_port
 @_no_dashboard
 @click.option("--force", is_flag=True, help="Run even when the estimate exceeds the cap.")
@@ -158,6 +165,7 @@ def run_cmd(batch: str, as_json: bool, force: bool, again: bool, **kw: Any) -> N
 @_backend
 @_policies
 @click.option("--slots", type=click.IntRange(min=1), help="Embedded cluster: sandbox slots.")
+@_dashboard_host
 @_dashboard_port
 @_no_dashboard
 @_json

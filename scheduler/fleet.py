@@ -476,9 +476,12 @@ class FleetScheduler:
     def _swept(self, ref: Any) -> None:
         attempt, result, step = self._sweeps.pop(ref)
         try:
-            failures = ray.get(ref).get("failures") or []
+            swept = ray.get(ref)
         except Exception as e:  # the sweep's node may be gone too: say so, go on
-            failures = [f"sweep failed: {type(e).__name__}: {e}"]
+            swept = {"failures": [f"sweep failed: {type(e).__name__}: {e}"]}
+        failures = swept.get("failures") or []
+        if result is None and swept.get("metered"):  # a cancelled runner: the node's metering
+            result = {**swept["metered"], "node": attempt.node}
         if failures:
             step = Step(step.state, step.attempt, f"{step.reason}; left behind: {failures}")
         self._book.finish(attempt, result, step)

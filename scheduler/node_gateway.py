@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 FORWARDER_MOUNT: Final = "/opt/sandfleet/forwarder.py"
 _FORWARDER: Final = Path(sandbox.forwarder.__file__).resolve()
 _CALL_TIMEOUT_S: Final = 120.0
+_CLOSED_KEPT: Final = 4096  # closed attempts whose metering is kept for the sweep
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,9 @@ class NodeGateway:
         config = load_providers_config(providers_path)
         self._lock = threading.Lock()
         self._live: dict[AttemptRef, _Live] = {}
+        # What closed attempts metered, kept a while: a cancelled runner never returns its
+        # report, so the scheduler's sweep asks here for the attempt's tasks row.
+        self._closed: OrderedDict[AttemptRef, _Live] = OrderedDict()
         self._by_container: dict[str, AttemptRef] = {}
         self._writer: Any = None
         self._downstream = self._ledger()  # `append` tallies each row, then sends it here
@@ -236,7 +241,8 @@ class NodeGateway:
         result = self._downstream.append(table, rows)
         with self._lock:
             for row in rows:
-                live = self._live.get(AttemptRef(row.team, row.batch, row.task, row.attempt))
+                ref = AttemptRef(row.team, row.batch, row.task, row.attempt)
+                live = self._live.get(ref) or self._closed.get(ref)  # a late call's charge
                 if live is not None:
                     live.tally.add(table, row)
         return result
@@ -335,21 +341,29 @@ class NodeGateway:
 
     def close_orphans(
         self, batch: str, task: str | None = None, attempt: int | None = None
-    ) -> list[str]:
+    ) -> dict[str, Any]:
         """Close every live attempt of `batch` (or of one task / attempt) whose runner is
         gone (a killed scheduler, a cancel): its capture stops watching the workspace, its
-        lease settles, its token dies. The sweep calls this before removing workspaces."""
-        with self._lock:
-            refs = [
-                ref
-                for ref in self._live
-                if ref.batch == batch
+        lease settles, its token dies. The sweep calls this before removing workspaces.
+        Returns the attempts closed now, and what each matching attempt metered (closed now
+        or earlier by its runner), keyed `task/attempt`: the tasks row of an attempt whose
+        runner was cancelled is built from it."""
+
+        def matches(ref: AttemptRef) -> bool:
+            return (
+                ref.batch == batch
                 and (task is None or ref.task == task)
                 and (attempt is None or ref.attempt == attempt)
-            ]
+            )
+
+        with self._lock:
+            refs = [ref for ref in self._live if matches(ref)]
         for ref in refs:
             self.close_attempt(ref)
-        return [str(ref) for ref in refs]
+        with self._lock:
+            done = [(r, live) for r, live in self._closed.items() if matches(r)]
+        metered = {f"{r.task}/{r.attempt}": self._report(live, []) for r, live in done}
+        return {"closed": [str(ref) for ref in refs], "metered": metered}
 
     def close_attempt(self, ref: AttemptRef) -> dict[str, Any]:
         """End the attempt here: any capture left running, its lease settled for the time
@@ -357,14 +371,24 @@ class NodeGateway:
         with self._lock:
             live = self._live.get(ref)
         errors: list[str] = []
+        cut_short = live is not None and live.capture is not None  # its runner never stopped it
         if live is not None:
             errors += self._end_capture(live)
         errors += self._leases.settle(ref)
         self._thread.close_attempt(ref)
+        if cut_short:
+            try:
+                self._thread.flush()  # the attempt's last gateway rows reach its tally
+            except SandfleetError as e:
+                errors.append(f"gateway ledger flush: {e}")
         with self._lock:
             self._live.pop(ref, None)
             if live is not None and live.container is not None:
                 self._by_container.pop(live.container, None)
+            if live is not None:
+                self._closed[ref] = live
+                while len(self._closed) > _CLOSED_KEPT:
+                    self._closed.popitem(last=False)
         return {"stop_reason": live.stop_reason if live else None, "errors": errors}
 
     def budget_exceeded(self, ref: AttemptRef) -> bool:

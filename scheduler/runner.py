@@ -331,19 +331,23 @@ def run_attempt(request: AttemptRequest, scheduler: tuple[str, str] | None = Non
     return execute(_backend(request.backend), request, node, node_hooks)
 
 
-def _close_node_attempts(batch: str, task: str | None, attempt: int | None) -> None:
+def _close_node_attempts(
+    batch: str, task: str | None, attempt: int | None
+) -> dict[str, dict[str, Any]]:
     """Tell this node's gateway (if it runs) that these attempts are over, so nothing of
-    theirs (capture, socket, token) outlives them or holds their workspace."""
+    theirs (capture, socket, token) outlives them or holds their workspace. Returns what
+    the gateway metered for each of them (`task/attempt` -> its node report)."""
     from scheduler.ledger_actor import NAMESPACE
 
     node_id = ray.get_runtime_context().get_node_id()
     try:
         gateway = ray.get_actor(f"gateway-{node_id}", namespace=NAMESPACE)
     except ValueError:
-        return  # no gateway on this node: nothing of theirs to close
-    closed: list[str] = ray.get(gateway.close_orphans.remote(batch, task, attempt), timeout=120)
-    if closed:
-        log.info("closed orphaned attempts on node %s: %s", node_id[:12], closed)
+        return {}  # no gateway on this node: nothing of theirs to close
+    out: Any = ray.get(gateway.close_orphans.remote(batch, task, attempt), timeout=120)
+    if out["closed"]:
+        log.info("closed orphaned attempts on node %s: %s", node_id[:12], out["closed"])
+    return dict(out["metered"])
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -361,7 +365,7 @@ def sweep_sandboxes(
     """
     if backend is Backend.FAKE:
         return {"containers": [], "workspaces": [], "failures": []}
-    _close_node_attempts(batch, task, attempt)
+    metered = _close_node_attempts(batch, task, attempt)
     from sandbox.reaper import reap
     from sandbox.workspace import remove_workspace, workspace_root
 
@@ -394,4 +398,11 @@ def sweep_sandboxes(
                 workspaces.append(str(root))
             except SandfleetError as e:
                 failures.append(f"workspace {root}: {e}")
-    return {"containers": removed, "workspaces": workspaces, "failures": failures}
+    node_report = metered.get(f"{task}/{attempt}")
+    return {
+        "containers": removed,
+        "workspaces": workspaces,
+        "failures": failures,
+        # what the node metered for a runner that never returned (a cancel): its tasks row
+        "metered": {**_metered(node_report), "node_report": node_report} if node_report else None,
+    }

@@ -96,9 +96,10 @@ function renderFleet(d) {
   ].map(([l, v, c]) => `<div class="kpi ${c || ""}"><div class="v">${v}</div><div class="l">${l}</div></div>`).join("");
   const teams = Object.entries(d.teams).map(([t, s]) => {
     const total = Object.values(s).reduce((a, b) => a + b, 0);
-    return `<tr><td>${esc(t)}</td><td class="num">${num(s.queued || 0)}</td><td class="num">${num(s.running || 0)}</td>
-      <td class="num">${num(s.succeeded || 0)}</td><td class="num">${num(FAILED.reduce((n, k) => n + (s[k] || 0), 0))}</td>
-      <td>${stateBar(s, total)}</td><td class="num">${money(d.spend.by_team[t])}</td></tr>`;
+    // the state bar sits under the team's name: a column of its own overflowed the panel
+    return `<tr><td class="team">${esc(t)}${stateBar(s, total)}</td><td class="num">${num(s.queued || 0)}</td>
+      <td class="num">${num(s.running || 0)}</td><td class="num">${num(s.succeeded || 0)}</td>
+      <td class="num">${num(FAILED.reduce((n, k) => n + (s[k] || 0), 0))}</td><td class="num">${money(d.spend.by_team[t])}</td></tr>`;
   });
   const models = Object.entries(d.spend.by_model).map(([m, v]) => `<tr><td class="mono">${esc(m)}</td><td class="num">${money(v)}</td></tr>`);
   const batches = d.batches.slice().reverse().map((b) => `<tr>
@@ -113,7 +114,7 @@ function renderFleet(d) {
     ${panel("Batches", `<div class="scroll">${table(["Batch", "Team", "#Tasks", "Progress", "#Spend", "Submitted"], batches, "No batch yet.")}</div>`)}
   </div><div class="stack">
     ${attention}
-    ${panel("Teams", table(["Team", "#Queued", "#Running", "#Done", "#Failed", "", "#Spend"], teams, "No task yet."))}
+    ${panel("Teams", table(["Team", "#Queued", "#Running", "#Done", "#Failed", "#Spend"], teams, "No task yet."))}
     ${panel("Spend by model", table(["Model", "#USD"], models, "No LLM call yet."))}
     ${panel("Findings", `<div class="scroll">${findingsFeed(d.findings)}</div>`, ` <span class="n">${d.findings.length}</span>`)}
   </div></div>`;

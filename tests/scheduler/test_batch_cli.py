@@ -322,3 +322,11 @@ def test_status_and_cancel_reach_the_running_scheduler(
             assert set(last_states(state_rows(data, plan.batch_id)).values()) == {"cancelled"}
         finally:
             stop_fleet()
+
+
+def test_dashboard_host_reaches_the_driver_settings(tmp_path: Path) -> None:
+    from scheduler.batch_cli import _settings
+
+    settings = _settings(data_dir=str(tmp_path), dashboard_host="0.0.0.0", no_dashboard=False)
+    assert settings.dashboard_host == "0.0.0.0" and settings.dashboard
+    assert _settings(data_dir=str(tmp_path)).dashboard_host == "127.0.0.1"
