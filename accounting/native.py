@@ -1,10 +1,10 @@
 """Small C helpers, compiled on first use: `compiled(source)` returns the built file.
 
 sandfleet ships a few C sources beside its Python (the ledger's batch SHA-256, the
-process-events reader). Each is compiled with the system's `cc` into `build/native/` at
-the project root (or `$SANDFLEET_NATIVE_DIR`), under a name that hashes the source and
-the flags, so an edited source is never run stale; the build writes a temporary file
-and renames it, so concurrent builders never see half a binary. `make setup` builds
+process-events reader). Each is compiled with the system's `cc` into `build_dir()`,
+under a name that hashes the source and the flags, so an edited source is never run
+stale; the build writes a temporary file and renames it, so concurrent builders never
+see half a binary. `make setup` builds
 them ahead (`python -m accounting.native`). Every caller has a pure-Python path for a
 machine without a compiler: a native helper makes things faster, never different.
 """
@@ -33,8 +33,16 @@ class NativeBuildError(SandfleetError):
 
 
 def build_dir() -> Path:
+    """`$SANDFLEET_NATIVE_DIR`; else `build/native` in a source checkout; else the user's
+    cache (`~/.cache/sandfleet/native`, as for a `pip install`ed sandfleet)."""
     env = os.environ.get("SANDFLEET_NATIVE_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "build" / "native"
+    if env:
+        return Path(env)
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").exists():
+        return root / "build" / "native"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "sandfleet" / "native"
 
 
 def compiled(
