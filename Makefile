@@ -6,9 +6,9 @@ SF := $(VENV)/bin/sandfleet
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench venv engine images test-deps clean
+.PHONY: setup demo test lint bench venv engine images native test-deps clean
 
-setup: venv engine images
+setup: venv engine images native
 
 venv: $(STAMP)
 
@@ -19,6 +19,13 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
+
+# The C helpers: the ledger's batch SHA-256 (accounting/native/sha256.c) and the
+# process-events reader (sandbox/native/procmon.c). Without a C compiler the Python
+# paths run, slower.
+native: venv
+	@$(PY) -m accounting.native
+	@$(PY) -m sandbox.native
 
 engine: venv
 	@$(SF) engine ensure

@@ -329,7 +329,8 @@ def _regex(patterns: Sequence[str]) -> str:
 def sensitive_files_sql(
     rule: SensitiveFilesRule, since: datetime | None = None, until: datetime | None = None
 ) -> str:
-    """(7) A credential path changed or named in a command; a hook / CI / rc file written."""
+    """(7) A credential path read, changed or named in a command; a hook / CI / rc file
+    written (a read is a `file_changed` row with op `read` or `open`)."""
     cred, pers = _regex(rule.credential_patterns), _regex(rule.persistence_patterns)
     writes = "('create', 'modify', 'rename')"
     inner = f"""WITH f AS (

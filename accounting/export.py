@@ -5,8 +5,9 @@
   | ledger kind                        | OCSF class                | activity               |
   |------------------------------------|---------------------------|------------------------|
   | command_started / command_finished | 1007 Process Activity     | 1 Launch / 2 Terminate |
-  | file_changed                       | 1001 File System Activity | 1 Create, 3 Update,    |
-  |                                    |                           | 4 Delete, 5 Rename     |
+  | file_changed                       | 1001 File System Activity | 1 Create, 2 Read,      |
+  |                                    |                           | 3 Update, 4 Delete,    |
+  |                                    |                           | 5 Rename, 14 Open      |
   | llm_call                           | 6003 API Activity         | 1 Create               |
   | egress_decision                    | 4001 Network Activity     | 1 Open / 5 Refuse      |
   | anomaly_finding                    | 2004 Detection Finding    | 1 Create               |
@@ -50,6 +51,8 @@ _FILE_ACTIVITY: Final = {
     "modify": (3, "Update"),
     "delete": (4, "Delete"),
     "rename": (5, "Rename"),
+    "read": (2, "Read"),  # a credential file read (sandbox.sensitive_watch)
+    "open": (14, "Open"),  # ... opened, nothing read
 }
 
 

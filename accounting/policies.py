@@ -177,7 +177,7 @@ class DeniedEgressRule(AnomalyRule):
 
 
 class SensitiveFilesRule(AnomalyRule):
-    """(7) Credential paths touched; persistence / CI / shell-rc files written."""
+    """(7) Credential paths read or touched; persistence / CI / shell-rc files written."""
 
     action: Action = Field(default=Action.STOP, description="Reaching for credentials stops it.")
 
@@ -187,11 +187,12 @@ class SensitiveFilesRule(AnomalyRule):
             r"(^|/)\.aws/credentials$",
             r"(^|/)\.(netrc|git-credentials|npmrc|pypirc)$",
             r"(^|/)\.docker/config\.json$",
+            r"(^|/)\.config/gh/hosts\.yml$",
             r"(^|/)\.kube/config$",
             r"^/etc/(shadow|sudoers)$",
             r"^/proc/[0-9]+/environ$",
         ],
-        description="Regexes (RE2) for credential files: any file change or command naming one.",
+        description="Regexes (RE2) for credential files: any read, change or command naming one.",
     )
     persistence_patterns: list[str] = Field(
         default_factory=lambda: [

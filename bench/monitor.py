@@ -198,6 +198,7 @@ def run_phase(
             "latency_ms_p50": pct(sink.latencies_ms, 0.50),
             "latency_ms_p99": pct(sink.latencies_ms, 0.99),
             "realtime_reader": hub.realtime,
+            "reader": hub.reader,
         }
     finally:
         for cap in captures:
@@ -241,6 +242,8 @@ def main() -> int:
                for ph in (moderate, busy)}  # fmt: skip
     budget = (TARGET_SHARE - baseline) / TARGET_SANDBOXES - fixed
     max_rate = budget / per_cmd["moderate"] if per_cmd["moderate"] > 0 else float("inf")
+    print(f"capture mode {'/'.join(busy['mode'])}, reader {busy['reader'] or 'none'} "
+          f"(SANDFLEET_PROC_READER=python|native picks one)")  # fmt: skip
     for ph in (idle, moderate, busy):
         print(f"{ph['phase']:>8}: {ph['sandboxes']} sandboxes, {ph['commands_per_s']:.0f} "
               f"commands/s, capture CPU {100 * ph['capture_cpu_share']:.2f}% of a core; "
@@ -272,6 +275,8 @@ def main() -> int:
         "latency_ms_p50": busy["latency_ms_p50"],
         "latency_ms_p99": busy["latency_ms_p99"],
         "latency_to": "capture sink (the Monitor actor does not exist yet)",
+        "mode": busy["mode"],
+        "reader": busy["reader"],
         "target_share": TARGET_SHARE,
         "moderate_within_target": at16(moderate) < TARGET_SHARE,
         "busy_within_target": at16(busy) < TARGET_SHARE,

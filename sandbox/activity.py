@@ -12,7 +12,8 @@ container has exited and before it is removed::
 It emits `accounting.schemas.Event` records in batches to `sink` (one call per batch,
 from one thread): `command_started` / `command_finished` (argv, pid, ppid, exit,
 duration_ms, and `mode`: `netlink` or `poll`), `file_changed` (path, op, bytes, from)
-for the workspace and the sandbox's other writable places (`/tmp`, `/dev/shm`), and a
+for the workspace and the sandbox's other writable places (`/tmp`, `/dev/shm`) and for
+reads of credential files (op `read` / `open`: `sandbox.sensitive_watch`), and a
 `resource_sample` every `interval` seconds. At stop the measured totals (CPU
 core-seconds, memory GiB-seconds) become compute `Charge`s priced by
 `configs/pricing.yaml`, sent to the same sink. `ledger_sink(writer)` adapts a
@@ -47,6 +48,7 @@ from sandbox.file_watch import FileChange, FileWatcher, WatchRoot
 from sandbox.proc_hub import NetlinkProcHub
 from sandbox.proc_poll import PollingProcSource
 from sandbox.proc_table import CaptureMode, CommandFinished, CommandStarted, ContainerEmpty
+from sandbox.sensitive_watch import SensitiveWatch
 
 __all__ = [
     "ActivityCapture",
@@ -113,6 +115,8 @@ _STOP = object()
 class ActivityCapture:
     """Captures one sandbox's activity on background threads (see the module doc)."""
 
+    _gathering = False  # the loop's last wait brought records (see _collect)
+
     def __init__(
         self,
         container_id: str,
@@ -158,6 +162,7 @@ class ActivityCapture:
         self._errors: list[BaseException] = []
         self._counts = {"commands": 0, "files": 0}
         self._other_watched = False
+        self._reads: SensitiveWatch | None = None  # credential reads (canaries, real files)
         self._lost_before = 0
         self.native_ids: dict[str, int] = {}
 
@@ -186,8 +191,10 @@ class ActivityCapture:
             self._watcher = FileWatcher(
                 [WatchRoot(self.workspace_dir, self.workspace_prefix)], self._q.put, self.quiet_s
             )
+            self._reads = SensitiveWatch.beside(self.workspace_dir, self._q.put)
             self._start_commands()
             self._watcher.start()
+            self._reads.start()
             self._thread = threading.Thread(
                 target=self._run, name="sandfleet-activity", daemon=True
             )
@@ -269,6 +276,11 @@ class ActivityCapture:
                 self._watcher.stop()
             except SandboxError as e:
                 self._errors.append(e)
+        if self._reads is not None:
+            try:
+                self._reads.stop()
+            except SandboxError as e:
+                self._errors.append(e)
 
     # -- the loop: records in, events out ----------------------------------------------
 
@@ -290,12 +302,20 @@ class ActivityCapture:
 
     def _collect(self, batch: list[Record], next_sample: float) -> tuple[bool, float]:
         """Wait for records or the next sample; fill `batch`. Returns (stopping, next)."""
-        try:
-            item = self._q.get(timeout=max(0.0, next_sample - time.monotonic()))
-        except queue.Empty:
-            item = None
-        if item is not None:
-            self._stopping.wait(self.gather_s)  # let a batch gather: fewer wake-ups
+        if self._gathering:  # records came last time, more are likely: one wake-up a batch
+            self._stopping.wait(max(0.0, min(self.gather_s, next_sample - time.monotonic())))
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                item = None
+        else:
+            try:
+                item = self._q.get(timeout=max(0.0, next_sample - time.monotonic()))
+            except queue.Empty:
+                item = None
+            if item is not None:
+                self._stopping.wait(self.gather_s)  # let a batch gather: fewer wake-ups
+        self._gathering = item is not None
         stopping = sample_now = False
         while item is not None:
             if item is _STOP:
@@ -375,8 +395,11 @@ class ActivityCapture:
         if self._watcher is None or theirs == os.stat("/proc/self/ns/mnt").st_ino:
             return False
         for path in self.other_writable:
-            root = WatchRoot(f"/proc/{pid}/root{path}", path, fresh=True)  # a new tmpfs
+            known = self._reads.known_under(path) if self._reads is not None else frozenset()
+            root = WatchRoot(f"/proc/{pid}/root{path}", path, fresh=True, known=known)  # tmpfs
             self._watcher.add_root_later(root)
+        if self._reads is not None:
+            self._reads.watch_root(pid)
         return True
 
     # -- charges --------------------------------------------------------------------------

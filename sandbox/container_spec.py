@@ -5,8 +5,9 @@ nothing here talks to an engine. Every sandbox gets: uid 10001, no capabilities,
 no-new-privileges, the project's seccomp profile, a read-only root, a sized noexec
 `/tmp`, no network, limits on pids / memory (swap = memory) / cpus / open files, no core
 dumps, a private IPC namespace and cgroup namespace, an init process, and the
-`sandfleet.*` labels that let the reaper find it. Never privileged, never a device, a
-port or the Docker socket.
+`sandfleet.*` labels that let the reaper find it; with `canaries`, fake credential files
+read-only in HOME (`sandbox.canaries`). Never privileged, never a device, a port or the
+Docker socket.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sandbox.canaries import CanarySet
 from sandbox.seccomp import security_opt
 from sandbox.templates import Template
 
@@ -31,6 +33,7 @@ __all__ = [
     "TMP_MOUNT",
     "WORKSPACE_MOUNT",
     "container_spec",
+    "sandbox_home",
     "sandbox_labels",
     "sandbox_name",
 ]
@@ -74,6 +77,12 @@ def sandbox_name(batch: str, task: str, attempt: int, nonce: str) -> str:
     return _NAME_UNSAFE.sub("_", raw)[:200]
 
 
+def sandbox_home(template: Template, env: Mapping[str, str] | None = None) -> str:
+    """The agent's HOME in a sandbox made with this `env`: /tmp unless the template or
+    `env` says otherwise (the root filesystem is read-only)."""
+    return {"HOME": TMP_MOUNT, **template.env, **(env or {})}["HOME"]
+
+
 def container_spec(
     template: Template,
     *,
@@ -83,17 +92,27 @@ def container_spec(
     name: str,
     env: Mapping[str, str] | None = None,
     command: Sequence[str] | None = None,
+    canaries: CanarySet | None = None,
 ) -> dict[str, Any]:
     """The docker SDK `containers.create` kwargs of one hardened sandbox.
 
     `command` defaults to the template's agent command; `env` is layered over the
-    template's env (HOME is /tmp: the root filesystem is read-only).
+    template's env (HOME is /tmp: the root filesystem is read-only). `canaries` (planted
+    by `sandbox.canaries.plant_canaries` for this HOME) are mounted read-only in HOME; a
+    directory holding one that is not HOME itself (`~/.config`) becomes a tmpfs owned by
+    the agent, sized and flagged as /tmp.
     """
     res = template.resources
     argv = list(command) if command else list(template.agent_command)
     if not argv:
         raise ValueError("a sandbox needs a command")
     environment = {"HOME": TMP_MOUNT, **template.env, **(env or {})}
+    if canaries is not None and canaries.home != environment["HOME"].rstrip("/"):
+        raise ValueError(
+            f"the canaries were planted for HOME {canaries.home}, the sandbox's is "
+            f"{environment['HOME']} (fix: plant them with sandbox_home(template, env))"
+        )
+    tmp_opts = f"rw,noexec,nosuid,nodev,size={res.tmp_size}"
     spec: dict[str, Any] = {
         "image": image,
         "command": argv,
@@ -109,7 +128,7 @@ def container_spec(
         "security_opt": ["no-new-privileges:true", security_opt()],
         # filesystem
         "read_only": True,
-        "tmpfs": {TMP_MOUNT: f"rw,noexec,nosuid,nodev,size={res.tmp_size}"},
+        "tmpfs": {TMP_MOUNT: tmp_opts},
         "volumes": {workspace_host_path: {"bind": WORKSPACE_MOUNT, "mode": "rw"}},
         # network and namespaces
         "network_mode": "none",
@@ -130,6 +149,10 @@ def container_spec(
         "tty": False,
         "stdin_open": False,
     }
+    if canaries is not None:
+        owned = f"{tmp_opts},uid={AGENT_UID},gid={AGENT_UID},mode=0700"
+        spec["tmpfs"].update({d: owned for d in canaries.tmpfs_dirs()})
+        spec["volumes"].update(canaries.mounts())
     if template.runtime != "runc":
         spec["runtime"] = template.runtime
     return spec

@@ -61,6 +61,7 @@ _IN_NONBLOCK: Final = os.O_NONBLOCK
 _IN_CLOEXEC: Final = os.O_CLOEXEC
 _EVENT = struct.Struct("=iIII")  # wd, mask, cookie, len
 _MOVE_WAIT_NS: Final = 50_000_000  # a MOVED_FROM without its MOVED_TO by then moved out
+_ONLY_MODIFY: Final = 2  # read_once: nothing but modifications of files
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +92,7 @@ class WatchRoot:
     host_dir: str
     prefix: str  # e.g. "/workspace"
     fresh: bool = False  # it started empty: what is in it when watching begins is new
+    known: frozenset[str] = frozenset()  # relative paths sandfleet put there: never "new"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +137,7 @@ class FileWatcher:
     ) -> None:
         self.callback = callback
         self.coalesce_s = min(coalesce_s, quiet_s)
+        self.max_gather_s = max(self.coalesce_s, quiet_s / 2)
         self.debouncer = Debouncer(int(quiet_s * 1e9), int(max_delay_s * 1e9))
         self._libc = _Libc()
         fd = self._libc.init1(_IN_NONBLOCK | _IN_CLOEXEC)
@@ -165,7 +168,7 @@ class FileWatcher:
         """Watch another root; its present content is reported only when it is `fresh`."""
         dfd = os.open(root.host_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._roots.append((dfd, root.prefix.rstrip("/")))
-        self._watch_tree(len(self._roots) - 1, "", report=root.fresh)
+        self._watch_tree(len(self._roots) - 1, "", report=root.fresh, known=root.known)
 
     def _open_dir(self, idx: int, rel: str) -> int | None:
         """A descriptor of `rel` under root `idx`, never through a symlink (the sandbox
@@ -187,8 +190,11 @@ class FileWatcher:
         path = f"{self._roots[idx][1]}/{rel}" if rel else self._roots[idx][1]
         return path + "/" if is_dir else path
 
-    def _watch_tree(self, idx: int, top: str, report: bool) -> None:
-        """Watch `top` and every directory under it; with `report`, what is in them is new."""
+    def _watch_tree(
+        self, idx: int, top: str, report: bool, known: frozenset[str] = frozenset()
+    ) -> None:
+        """Watch `top` and every directory under it; with `report`, what is in them is new
+        (but for the `known` paths)."""
         stack = [top]
         while stack:
             rel = stack.pop()
@@ -196,11 +202,13 @@ class FileWatcher:
             if fd is None:
                 continue  # gone (or replaced) before we got to it: its delete is reported
             try:
-                self._watch_one(idx, rel, fd, report, stack)
+                self._watch_one(idx, rel, fd, report, stack, known)
             finally:
                 os.close(fd)
 
-    def _watch_one(self, idx: int, rel: str, fd: int, report: bool, stack: list[str]) -> None:
+    def _watch_one(
+        self, idx: int, rel: str, fd: int, report: bool, stack: list[str], known: frozenset[str]
+    ) -> None:
         wd = self._libc.add(self._fd, f"/proc/self/fd/{fd}".encode(), _WATCH_MASK)
         if wd < 0:
             err = ctypes.get_errno()
@@ -224,7 +232,7 @@ class FileWatcher:
                     except FileNotFoundError:
                         continue
                     self._sizes[self._path(idx, child)] = size
-                if report:
+                if report and child not in known:
                     self._feed(RawChange(now, "create", self._path(idx, child, is_dir)))
 
     def _forget_tree(self, idx: int, rel: str) -> None:
@@ -284,17 +292,31 @@ class FileWatcher:
 
     def _run(self) -> None:
         self.native_id = threading.get_native_id()
+        gather = 0.0
         try:
             while True:
                 now = time.monotonic_ns()
                 deadlines = [d for d in (self.debouncer.next_due_ns(), self._next_move_ns()) if d]
                 timeout = max(0.0, (min(deadlines) - now) / 1e9) if deadlines else None
-                ready, _, _ = select.select([self._fd, self._wake_r], [], [], timeout)
+                if gather:  # the last read had changes: more are likely, let them gather
+                    wait = gather if timeout is None else min(gather, timeout)
+                    ready, _, _ = select.select([self._wake_r], [], [], wait)
+                    ready.append(self._fd)
+                else:
+                    ready, _, _ = select.select([self._fd, self._wake_r], [], [], timeout)
+                    if self._fd in ready:
+                        # let a burst gather: the kernel merges repeats of an unread event
+                        woke, _, _ = select.select([self._wake_r], [], [], self.coalesce_s)
+                        ready += woke
                 if self._fd in ready:
-                    # let a burst gather: the kernel merges repeats of an unread event
-                    woke, _, _ = select.select([self._wake_r], [], [], self.coalesce_s)
-                    ready += woke
-                    self.read_once()
+                    # one wake-up per read while writes go on, and longer gaps (up to
+                    # half the quiet time the debouncer waits anyway) while they only
+                    # modify files
+                    read = self.read_once()
+                    gather = 0.0 if not read else (
+                        min(2 * (gather or self.coalesce_s), self.max_gather_s)
+                        if read == _ONLY_MODIFY else self.coalesce_s
+                    )  # fmt: skip
                 self._expire_moves(time.monotonic_ns())
                 for change in self.debouncer.due(time.monotonic_ns()):
                     self._report(change)
@@ -311,15 +333,19 @@ class FileWatcher:
             log.exception("file watching stopped")
             self.error = e
 
-    def read_once(self) -> None:
-        """Handle whatever the kernel has queued (non-blocking)."""
+    def read_once(self) -> int:
+        """Handle whatever the kernel has queued (non-blocking). 0: nothing was queued;
+        `_ONLY_MODIFY`: only modifications (which the debouncer holds anyway); else 1."""
+        seen = 0
         while True:
             try:
                 data = os.read(self._fd, 65536)
             except BlockingIOError:
-                return
+                return seen
+            now = time.monotonic_ns()
             for rec in parse_events(data):
-                self._handle(rec, time.monotonic_ns())
+                seen = _ONLY_MODIFY if rec.mask == IN_MODIFY and seen != 1 else 1
+                self._handle(rec, now)
 
     def _handle(self, rec: InotifyRecord, now: int) -> None:
         if rec.mask & IN_Q_OVERFLOW:

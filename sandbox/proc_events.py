@@ -7,8 +7,10 @@ the socket is read by this module run as a small dedicated process
 (`python -m sandbox.proc_events`): it never waits for another thread's GIL, and runs
 at the lowest real-time priority while it stays cheap (`_RealtimeGuard`). It tracks
 which process belongs to which watched container (`sandbox.proc_table.ProcessTable`)
-and writes one JSON line per record to its stdout; `sandbox.proc_hub.NetlinkProcHub`
-is the parent side.
+and writes one JSON line (ready or error), then binary records
+(`sandbox.proc_table.pack_record`) to its stdout; `sandbox.proc_hub.NetlinkProcHub` is
+the parent side. The native reader (`sandbox/native/procmon.c`, see `sandbox.native`)
+does the same for a fraction of the CPU; this one is its fallback and its reference.
 
 Pids are host pids; times are CLOCK_MONOTONIC nanoseconds (the connector's clock).
 The wire format is pure and tested without a kernel.
@@ -26,16 +28,19 @@ import socket
 import struct
 import sys
 import time
-from typing import IO, Any, Final
+from typing import IO, Final
 
 from sandbox.proc_table import (
     EV_EXEC,
     EV_EXIT,
     EV_FORK,
+    REC_ACK,
+    REC_LOST,
     ProcessTable,
     ProcEvent,
     SysProcReader,
-    record_to_json,
+    pack_control,
+    pack_record,
 )
 
 __all__ = [
@@ -200,8 +205,8 @@ class _Reader:
         if self.slow is not None:
             self.slow.close()
 
-    def emit(self, obj: dict[str, Any]) -> None:
-        self.out.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+    def emit(self, record: bytes) -> None:
+        self.out.write(record)
         if self.flush_at is None:
             self.flush_at = time.monotonic_ns() + _FLUSH_NS
 
@@ -214,7 +219,7 @@ class _Reader:
             except OSError as e:
                 if e.errno != errno.ENOBUFS:
                     raise
-                self.emit({"t": "lost"})
+                self.emit(pack_control(REC_LOST))
                 continue
             into.extend(parse_datagram(memoryview(self.buf)[:n]))
 
@@ -229,7 +234,7 @@ class _Reader:
             events.sort(key=lambda ev: ev.timestamp_ns)
         for ev in events:
             for cid, rec in self.table.feed(ev):
-                self.emit(record_to_json(cid, rec))
+                self.emit(pack_record(cid, rec))
 
     def commands(self, data: bytes) -> None:
         *lines, self.pending = (self.pending + data).split(b"\n")
@@ -240,7 +245,7 @@ class _Reader:
                 self.table.watch(cid, [int(p) for p in pids.split(",") if p])
             elif cmd == "unwatch":
                 self.table.unwatch(cid)
-            self.emit({"t": "ack", "cid": cid})
+            self.emit(pack_control(REC_ACK, cid))
         self.out.flush()  # a subscriber waits for its ack
         self.flush_at = None
 
@@ -265,8 +270,8 @@ class _Reader:
 
 def serve(inp: IO[bytes], out: IO[bytes]) -> int:
     """The reader process: commands on `inp` (`watch <cid> [pid,...]`, `unwatch <cid>`),
-    records on `out` (one JSON object per line). Ends when `inp` closes (the parent is
-    gone)."""
+    records on `out` (a JSON line, then binary records). Ends when `inp` closes (the
+    parent is gone)."""
     try:
         reader = _Reader(inp, out)
     except OSError as e:
@@ -275,7 +280,8 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> int:
         return 1
     try:
         guard = _RealtimeGuard()
-        out.write(json.dumps({"t": "ready", "realtime": guard.active}).encode() + b"\n")
+        hello = {"t": "ready", "realtime": guard.active, "reader": "python"}
+        out.write(json.dumps(hello).encode() + b"\n")
         out.flush()
         return reader.run(guard)
     finally:

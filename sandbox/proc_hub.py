@@ -1,7 +1,9 @@
 """The parent side of command capture: one reader process, shared by every sandbox.
 
-`NetlinkProcHub.shared()` starts `python -m sandbox.proc_events` (the connector's
-reader) on the first `subscribe`, and stops it with the last `unsubscribe`.
+`NetlinkProcHub.shared()` starts the connector's reader on the first `subscribe`, and
+stops it with the last `unsubscribe`: the native one (`sandbox/native/procmon.c`, built
+by `sandbox.native`) when it can be had, else `python -m sandbox.proc_events`; `reader`
+says which ran (`SANDFLEET_PROC_READER=python|native` forces one).
 `subscribe(container_id, pids, callback)` returns once the reader watches the
 container; callbacks receive `CommandStarted` / `CommandFinished` / `ContainerEmpty`
 records (`sandbox.proc_table`) on the hub's dispatch thread — keep them short. When
@@ -19,17 +21,19 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Literal
 
 from accounting.errors import SandboxError
-from sandbox.proc_table import Record, record_from_json
+from sandbox.proc_table import REC_ACK, REC_LOST, Record, unpack_records
 
 __all__ = ["NetlinkProcHub"]
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[Record], None]
+ReaderKind = Literal["auto", "native", "python"]
 _START_TIMEOUT_S: Final = 30.0
+_PYTHON_READER: Final = [sys.executable, "-m", "sandbox.proc_events"]
 
 
 class NetlinkProcHub:
@@ -38,8 +42,9 @@ class NetlinkProcHub:
     _shared: NetlinkProcHub | None = None
     _shared_lock = threading.Lock()
 
-    def __init__(self, argv: list[str] | None = None) -> None:
-        self.argv = argv or [sys.executable, "-m", "sandbox.proc_events"]
+    def __init__(self, argv: list[str] | None = None, reader: ReaderKind | None = None) -> None:
+        self.argv = argv  # None: the reader `reader` asks for
+        self.want: ReaderKind = reader or _reader_from_env()
         self._lock = threading.Lock()
         self._callbacks: dict[str, Callback] = {}
         self._acks: dict[str, threading.Event] = {}
@@ -51,6 +56,7 @@ class NetlinkProcHub:
         self._refused = ""
         self.lost = 0  # datagrams the kernel dropped because the reader fell behind
         self.realtime = False
+        self.reader = ""  # which reader ran: "native" or "python" (its ready line says)
         self.pid: int | None = None  # the reader process (its CPU is capture overhead)
         self.native_id: int | None = None  # the dispatch thread's tid
 
@@ -125,13 +131,24 @@ class NetlinkProcHub:
     def _spawn(self) -> None:
         if self._refused:  # the kernel's answer does not change; do not ask again
             raise SandboxError(self._refused)
+        argv = self._reader_argv()
+        try:
+            self._start(argv)
+        except (OSError, SandboxError) as e:
+            if self.argv is not None or self.want != "auto" or argv == _PYTHON_READER:
+                raise
+            log.warning("the native process-events reader failed (%s); using the Python one", e)
+            self._refused = ""
+            self._start(list(_PYTHON_READER))
+
+    def _start(self, argv: list[str]) -> None:
         root = str(Path(__file__).resolve().parent.parent)  # importable from any cwd
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
         }
         proc = subprocess.Popen(
-            self.argv,
+            argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -155,6 +172,22 @@ class NetlinkProcHub:
             raise SandboxError(why)
         self._proc, self._thread, self.pid = proc, thread, proc.pid
 
+    def _reader_argv(self) -> list[str]:
+        if self.argv is not None:
+            return self.argv
+        if self.want != "python":
+            from sandbox.native import procmon_path
+
+            path = procmon_path()
+            if path is not None:
+                return [str(path)]
+            if self.want == "native":
+                raise SandboxError(
+                    "the native process-events reader cannot be built (see the log); fix: "
+                    "install a C compiler (`apt-get install gcc`) or unset SANDFLEET_PROC_READER"
+                )
+        return list(_PYTHON_READER)
+
     def _reap(self, proc: subprocess.Popen[bytes], thread: threading.Thread | None) -> None:
         try:
             if proc.stdin is not None:
@@ -172,30 +205,11 @@ class NetlinkProcHub:
     def _dispatch(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
         self.native_id = threading.get_native_id()
+        started = False
         try:
-            for line in proc.stdout:
-                obj = json.loads(line)
-                kind = obj["t"]
-                if kind == "ready":
-                    self.realtime = bool(obj["realtime"])
-                    self._ready.set()
-                elif kind == "error":
-                    self._start_error = obj["msg"]
-                    self._ready.set()
-                elif kind == "lost":
-                    self.lost += 1
-                    log.warning("process-events connector overran; some commands were lost")
-                elif kind == "ack":
-                    with self._lock:
-                        acked = self._acks.get(obj["cid"])
-                    if acked is not None:
-                        acked.set()
-                else:
-                    cid, rec = record_from_json(obj)
-                    with self._lock:
-                        cb = self._callbacks.get(cid)
-                    if cb is not None:
-                        cb(rec)
+            started = self._hello(proc.stdout.readline())
+            if started:
+                self._records(proc.stdout)
         except Exception as e:  # each subscriber's check() raises it
             log.exception("the process-events dispatcher stopped")
             with self._lock:
@@ -207,7 +221,53 @@ class NetlinkProcHub:
                 code = proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 code = None
-            if code != 0:
+            if code != 0 and started:  # (a start failure is _spawn's to raise, lock held)
                 err = SandboxError(f"the process-events reader exited with status {code}")
                 with self._lock:
                     self._failed.update(dict.fromkeys(self._callbacks, err))
+
+    def _hello(self, line: bytes) -> bool:
+        """The reader's first line (JSON): ready, or why the kernel refused it."""
+        try:
+            obj = json.loads(line) if line.strip() else {"t": "error", "msg": "it exited"}
+        except ValueError:
+            obj = {"t": "error", "msg": f"it answered {line[:200]!r}"}
+        if not isinstance(obj, dict) or obj.get("t") != "ready":
+            self._start_error = str(obj.get("msg", obj) if isinstance(obj, dict) else obj)
+            self._ready.set()
+            return False
+        self.realtime = bool(obj["realtime"])
+        self.reader = str(obj.get("reader", "python"))
+        self._ready.set()
+        return True
+
+    def _records(self, stream: Any) -> None:
+        """Binary records until the reader ends, each to its container's callback."""
+        pending = b""
+        while chunk := stream.read1(1 << 16):
+            data = pending + chunk if pending else chunk
+            records, used = unpack_records(data)
+            pending = data[used:]
+            callbacks = self._callbacks  # read without the lock: a dict get is atomic
+            for kind, cid, rec in records:
+                if rec is not None:
+                    cb = callbacks.get(cid)
+                    if cb is not None:
+                        cb(rec)
+                elif kind == REC_ACK:
+                    with self._lock:
+                        acked = self._acks.get(cid)
+                    if acked is not None:
+                        acked.set()
+                elif kind == REC_LOST:
+                    self.lost += 1
+                    log.warning("process-events connector overran; some commands were lost")
+
+
+def _reader_from_env() -> ReaderKind:
+    want = os.environ.get("SANDFLEET_PROC_READER", "auto")
+    if want not in ("auto", "native", "python"):
+        raise SandboxError(
+            f"SANDFLEET_PROC_READER={want!r} is not a reader; fix: use auto, native or python"
+        )
+    return want  # type: ignore[return-value]

@@ -16,14 +16,20 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 __all__ = [
     "EV_EXEC",
     "EV_EXIT",
     "EV_FORK",
+    "REC_ACK",
+    "REC_EMPTY",
+    "REC_END",
+    "REC_LOST",
+    "REC_START",
     "CaptureMode",
     "CommandFinished",
     "CommandStarted",
@@ -35,8 +41,9 @@ __all__ = [
     "SysProcReader",
     "container_id_of",
     "decode_exit",
-    "record_from_json",
-    "record_to_json",
+    "pack_control",
+    "pack_record",
+    "unpack_records",
 ]
 
 EV_FORK: Final = 0x00000001
@@ -290,29 +297,67 @@ class ProcessTable:
         return CommandFinished(pid, run.ppid, run.argv, run.start_ns, end_ns, code, self.mode)
 
 
-# -- records between the reader process and its parent (one JSON object per line) ----
+# -- records between the reader process and its parent (binary, after one JSON line) --
+#
+# Both readers (`sandbox.proc_events` and the native `sandbox/native/procmon.c`) write
+# one JSON line (`ready` or `error`), then records: a fixed head, then the argv bytes
+# (NUL-separated, no trailing NUL). Binary, so the hot path neither escapes nor parses.
+
+REC_START: Final = 1
+REC_END: Final = 2
+REC_EMPTY: Final = 3
+REC_ACK: Final = 4  # a watch / unwatch command was done
+REC_LOST: Final = 5  # the kernel dropped events: the reader fell behind
+_REC = struct.Struct("=IBBxxiiiqq64s")  # size, kind, has_exit, pid, ppid, exit, start, ns, cid
+_NO_CID: Final = b"\0" * 64
 
 
-def record_to_json(container_id: str, rec: Record) -> dict[str, Any]:
-    """One record as the reader process writes it (a JSON object per line)."""
+def pack_record(container_id: str, rec: Record) -> bytes:
+    """One record as a reader writes it (the inverse of `unpack_records`)."""
+    cid = container_id.encode()
     if isinstance(rec, CommandStarted):
-        return {"t": "start", "cid": container_id, "pid": rec.pid, "ppid": rec.ppid,
-                "argv": list(rec.argv), "ns": rec.mono_ns}  # fmt: skip
+        argv = "\0".join(rec.argv).encode("utf-8", "surrogateescape")
+        head = _REC.pack(_REC.size + len(argv), REC_START, 0, rec.pid, rec.ppid, 0,
+                         rec.mono_ns, rec.mono_ns, cid)  # fmt: skip
+        return head + argv
     if isinstance(rec, CommandFinished):
-        return {"t": "end", "cid": container_id, "pid": rec.pid, "ppid": rec.ppid,
-                "argv": list(rec.argv), "start_ns": rec.start_mono_ns, "ns": rec.mono_ns,
-                "exit": rec.exit}  # fmt: skip
-    return {"t": "empty", "cid": container_id, "ns": rec.mono_ns}
+        argv = "\0".join(rec.argv).encode("utf-8", "surrogateescape")
+        code = rec.exit if rec.exit is not None else 0
+        head = _REC.pack(_REC.size + len(argv), REC_END, rec.exit is not None, rec.pid,
+                         rec.ppid, code, rec.start_mono_ns, rec.mono_ns, cid)  # fmt: skip
+        return head + argv
+    return _REC.pack(_REC.size, REC_EMPTY, 0, 0, 0, 0, 0, rec.mono_ns, cid)
 
 
-def record_from_json(obj: dict[str, Any]) -> tuple[str, Record]:
-    """The inverse of `record_to_json`."""
-    cid, kind, mode = obj["cid"], obj["t"], CaptureMode.NETLINK
-    if kind == "start":
-        return cid, CommandStarted(obj["pid"], obj["ppid"], tuple(obj["argv"]), obj["ns"], mode)
-    if kind == "end":
-        argv = tuple(obj["argv"])
-        rec = CommandFinished(obj["pid"], obj["ppid"], argv, obj["start_ns"], obj["ns"],
-                              obj["exit"], mode)  # fmt: skip
-        return cid, rec
-    return cid, ContainerEmpty(obj["ns"])
+def pack_control(kind: int, container_id: str = "") -> bytes:
+    """An `REC_ACK` (for `container_id`) or `REC_LOST` record."""
+    return _REC.pack(_REC.size, kind, 0, 0, 0, 0, 0, 0, container_id.encode() or _NO_CID)
+
+
+def unpack_records(
+    data: bytes, mode: CaptureMode = CaptureMode.NETLINK
+) -> tuple[list[tuple[int, str, Record | None]], int]:
+    """The whole records at the start of `data`, as `(kind, container_id, record)`
+    (`record` None for an ack or a loss), and how many bytes they took."""
+    out: list[tuple[int, str, Record | None]] = []
+    unpack, head, n, off = _REC.unpack_from, _REC.size, len(data), 0
+    while off + head <= n:
+        size, kind, has_exit, pid, ppid, code, start_ns, ns, raw_cid = unpack(data, off)
+        end = off + size
+        if size < head or end > n:
+            break
+        cid = raw_cid.decode("ascii", "replace")
+        rec: Record | None = None
+        if kind in (REC_START, REC_END):
+            raw = data[off + head : end]
+            argv = tuple(raw.decode("utf-8", "replace").split("\0")) if raw else ()
+            if kind == REC_START:
+                rec = CommandStarted(pid, ppid, argv, ns, mode)
+            else:
+                rec = CommandFinished(pid, ppid, argv, start_ns, ns,
+                                      code if has_exit else None, mode)  # fmt: skip
+        elif kind == REC_EMPTY:
+            rec = ContainerEmpty(ns)
+        out.append((kind, cid, rec))
+        off = end
+    return out, off

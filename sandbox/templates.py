@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from accounting.config import configs_dir, load_model
 from accounting.errors import ConfigError
 from accounting.units import Bytes, parse_bytes
+from sandbox.canaries import CANARIES, DEFAULT_CANARIES
 
 __all__ = [
     "Resources",
@@ -70,6 +71,11 @@ class Template(BaseModel):
     )
     warm_pool: int = Field(0, ge=0, le=256, description="Pre-created containers kept per node.")
     runtime: Literal["runc", "runsc"] = Field("runc", description="OCI runtime; runsc = gVisor.")
+    canaries: tuple[str, ...] = Field(
+        DEFAULT_CANARIES,
+        description="Fake credential files planted read-only in HOME, whose reads are "
+        f"recorded (sandbox.canaries); of: {', '.join(CANARIES)}. [] = none.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -93,6 +99,16 @@ class Template(BaseModel):
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
                 raise ValueError(f"{key!r} is not an environment variable name")
         return v
+
+    @field_validator("canaries")
+    @classmethod
+    def _known_canaries(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [name for name in v if name not in CANARIES]
+        if unknown:
+            raise ValueError(
+                f"unknown canaries {unknown}; use some of {', '.join(CANARIES)} (or [] for none)"
+            )
+        return tuple(dict.fromkeys(v))
 
     @field_validator("agent_command", mode="before")
     @classmethod

@@ -318,7 +318,8 @@ def _any(patterns: list[str]) -> re.Pattern[str]:
 
 
 class SensitiveFiles:
-    """(7) A credential path changed or named in a command; a hook / CI / rc file written."""
+    """(7) A credential path read, changed or named in a command; a hook / CI / rc file
+    written. Reads arrive as `file_changed` with op `read` / `open` (sandbox.sensitive_watch)."""
 
     WRITES = frozenset({"create", "modify", "rename"})
 

@@ -75,11 +75,13 @@ def test_root_filesystem_is_read_only(report):
 
 
 def test_only_workspace_and_tmp_are_writable_besides_private_ipc(report):
-    # /dev/shm and /dev/mqueue belong to the sandbox's private IPC namespace (noexec).
-    assert set(report["writable_mounts"]) <= {"/workspace", "/tmp", "/dev/shm", "/dev/mqueue"}
+    # /dev/shm and /dev/mqueue belong to the sandbox's private IPC namespace (noexec);
+    # /tmp/.config (HOME's, beside the canary credentials) is a second, agent-owned /tmp.
+    tmps = {"/tmp", "/tmp/.config", "/dev/shm", "/dev/mqueue"}
+    assert set(report["writable_mounts"]) <= {"/workspace", *tmps}
     assert {"/workspace", "/tmp"} <= set(report["writable_mounts"])
     for mount in report["mounts"]:
-        if mount["point"] in {"/tmp", "/dev/shm", "/dev/mqueue"}:
+        if mount["point"] in tmps:
             assert "noexec" in mount["opts"].split(","), mount
 
 

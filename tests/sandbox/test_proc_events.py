@@ -12,6 +12,8 @@ from sandbox.proc_table import (
     EV_EXEC,
     EV_EXIT,
     EV_FORK,
+    REC_ACK,
+    REC_LOST,
     CaptureMode,
     CommandFinished,
     CommandStarted,
@@ -21,8 +23,9 @@ from sandbox.proc_table import (
     SysProcReader,
     container_id_of,
     decode_exit,
-    record_from_json,
-    record_to_json,
+    pack_control,
+    pack_record,
+    unpack_records,
 )
 
 CID = "a" * 64
@@ -129,13 +132,29 @@ def test_container_id_is_found_in_cgroupfs_and_systemd_paths_but_not_on_the_host
 
 
 def test_records_survive_the_pipe_between_reader_and_parent() -> None:
-    for rec in (
+    records = [
         CommandStarted(6, 5, ("ls", "-l"), 100, CaptureMode.NETLINK),
         CommandFinished(6, 5, ("ls", "-l"), 100, 2_000_100, 0, CaptureMode.NETLINK),
         CommandFinished(6, 5, ("sh",), 100, 200, None, CaptureMode.NETLINK),
+        CommandFinished(6, 5, ("sh", "-c", "a\nb\tc ü"), 100, 200, -9, CaptureMode.NETLINK),
+        CommandStarted(7, 6, (), 300, CaptureMode.NETLINK),
         ContainerEmpty(300),
-    ):
-        assert record_from_json(record_to_json(CID, rec)) == (CID, rec)
+    ]
+    wire = b"".join(pack_record(CID, rec) for rec in records)
+    decoded, used = unpack_records(wire)
+    assert used == len(wire)
+    assert [(kind, cid) for kind, cid, _ in decoded] == [(k, CID) for k in (1, 2, 2, 2, 1, 3)]
+    assert [rec for _, _, rec in decoded] == records
+
+
+def test_a_record_cut_by_a_pipe_read_waits_for_its_rest() -> None:
+    wire = pack_record(CID, CommandStarted(6, 5, ("ls", "-l"), 100, CaptureMode.NETLINK))
+    wire += pack_control(REC_ACK, OTHER) + pack_control(REC_LOST)
+    decoded, used = unpack_records(wire[:-3])
+    assert used == len(wire) - 100 and [k for k, _, _ in decoded] == [1, REC_ACK]
+    assert decoded[1] == (REC_ACK, OTHER, None)
+    rest, used = unpack_records(wire[used:])
+    assert used == 100 and [(k, rec) for k, _, rec in rest] == [(REC_LOST, None)]
 
 
 # -- the process table ---------------------------------------------------------------------

@@ -1,0 +1,298 @@
+"""Reads of credential files by a sandbox, from inotify `IN_OPEN` / `IN_ACCESS`.
+
+Inotify on the workspace sees changes, not reads. `SensitiveWatch` watches, for opens
+and reads, (a) the attempt's canary files (`sandbox.canaries`) on the host — the same
+inodes the sandbox sees through its read-only bind mounts, watched before it starts —
+and (b) the real files in the sandbox's root that match the credential patterns
+(`configs/policies.yaml` `sensitive_files.credential_patterns`) and that uid 10001 could
+read, found once the first process is inside the container (`watch_root(pid)`, through
+`/proc/<pid>/root`, as `ActivityCapture` watches `/tmp`). Only `/root`, `/home`, `/etc`,
+`/opt`, `/srv` and `/usr/local/etc` are searched, a few levels deep, without following
+links.
+
+Each access becomes a `FileChange` (op `read` when data was read, `open` when the file
+was only opened; path as the sandbox sees it; bytes the file's size), handed to
+`callback` — `ActivityCapture` turns it into a `file_changed` event like any other, and
+the sensitive_files rule (streaming and SQL) fires on it. Debouncing (`AccessDebouncer`,
+pure): the first access of a path is reported after `gather_s` (time for its read to
+follow its open); later accesses of that path are absorbed for `repeat_s`.
+
+Stat, `ls` of the directory and the sandbox's own start (runc mounting the files) open
+nothing and report nothing; host processes that open the canary files would (nothing
+of sandfleet's does).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import queue
+import re
+import select
+import stat
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from accounting.errors import SandboxError
+from sandbox.canaries import CanarySet, load_canaries
+from sandbox.file_watch import FileChange, parse_events
+
+__all__ = ["ROOT_SEARCH", "AccessDebouncer", "SensitiveWatch", "readable_by"]
+
+log = logging.getLogger(__name__)
+
+IN_ACCESS: Final = 0x1
+IN_OPEN: Final = 0x20
+IN_Q_OVERFLOW: Final = 0x4000
+IN_IGNORED: Final = 0x8000
+IN_DONT_FOLLOW: Final = 0x02000000
+_MASK: Final = IN_OPEN | IN_ACCESS | IN_DONT_FOLLOW
+ROOT_SEARCH: Final = ("/root", "/home", "/etc", "/opt", "/srv", "/usr/local/etc")
+_MAX_DEPTH: Final = 4
+_MAX_ENTRIES: Final = 20_000
+_AGENT: Final = 10001  # uid and gid of the sandbox's agent (sandbox.container_spec)
+
+
+def readable_by(st: os.stat_result, uid: int = _AGENT, gid: int = _AGENT) -> bool:
+    """Whether `uid`:`gid` (no other groups) may read a file with these permissions."""
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_gid == gid:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
+
+
+@dataclass(slots=True)
+class _Path:
+    first_ns: int = 0
+    read: bool = False
+    due_ns: int | None = None  # when the pending access is reported; None: none pending
+    quiet_until_ns: int = 0  # accesses before this are absorbed (it was just reported)
+
+
+class AccessDebouncer:
+    """Per path: the first access after a quiet spell is reported `gather_ns` later (as
+    `read` if a read came meanwhile, else `open`); accesses in the `repeat_ns` after a
+    report are absorbed. Pure: the caller gives the clock."""
+
+    def __init__(self, gather_ns: int, repeat_ns: int) -> None:
+        self.gather_ns, self.repeat_ns = gather_ns, repeat_ns
+        self._paths: dict[str, _Path] = {}
+        self.absorbed = 0
+
+    def add(self, now_ns: int, path: str, read: bool) -> None:
+        p = self._paths.setdefault(path, _Path())
+        if p.due_ns is not None:
+            p.read |= read
+        elif now_ns < p.quiet_until_ns:
+            self.absorbed += 1
+        else:
+            p.first_ns, p.read, p.due_ns = now_ns, read, now_ns + self.gather_ns
+
+    def next_due_ns(self) -> int | None:
+        return min((p.due_ns for p in self._paths.values() if p.due_ns is not None), default=None)
+
+    def due(self, now_ns: int) -> list[tuple[int, str, str]]:
+        """(first_ns, op, path) of each access whose gather time is over, oldest first."""
+        out = []
+        for path, p in self._paths.items():
+            if p.due_ns is not None and p.due_ns <= now_ns:
+                out.append((p.first_ns, "read" if p.read else "open", path))
+                p.due_ns, p.quiet_until_ns = None, p.first_ns + self.repeat_ns
+        return sorted(out)
+
+    def drain(self) -> list[tuple[int, str, str]]:
+        return self.due(1 << 62)
+
+
+class SensitiveWatch:
+    """Watches canary files and the sandbox's readable credential files (module doc)."""
+
+    def __init__(
+        self,
+        callback: Callable[[FileChange], None],
+        canaries: CanarySet | None = None,
+        patterns: Sequence[str] = (),
+        *,
+        gather_s: float = 0.05,
+        repeat_s: float = 10.0,
+        search: Sequence[str] = ROOT_SEARCH,
+    ) -> None:
+        self.callback = callback
+        self.canaries = canaries
+        self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+        self.search = tuple(search)
+        self.debouncer = AccessDebouncer(int(gather_s * 1e9), int(repeat_s * 1e9))
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._add = libc.inotify_add_watch
+        self._add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            raise SandboxError(f"inotify_init1 failed: {os.strerror(ctypes.get_errno())}")
+        self._fd = fd
+        self._wake_r, self._wake_w = os.pipe()
+        self._wds: dict[int, tuple[str, int]] = {}  # wd -> (path in the sandbox, size)
+        self._pids: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._fds_lock = threading.Lock()  # watch_root() may race close()
+        self._thread: threading.Thread | None = None
+        self.watched: list[str] = []  # sandbox paths, canaries first
+        self.overflows = 0
+        self.error: BaseException | None = None
+        try:
+            for host, path in canaries.files if canaries is not None else ():
+                self._watch(host.encode(), path, os.stat(host).st_size)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def beside(cls, workspace: str, callback: Callable[[FileChange], None]) -> SensitiveWatch:
+        """The watch for the attempt whose checkout is `workspace`: its canaries (if any
+        were planted) and the credential patterns of `configs/policies.yaml`."""
+        from accounting.policies import load_policies
+
+        patterns = load_policies().anomalies.sensitive_files.credential_patterns
+        return cls(callback, load_canaries(workspace), patterns)
+
+    def known_under(self, prefix: str) -> frozenset[str]:
+        """What the canaries put under sandbox dir `prefix` (see `CanarySet.known_under`)."""
+        return self.canaries.known_under(prefix) if self.canaries is not None else frozenset()
+
+    # -- watches ------------------------------------------------------------------------
+
+    def _watch(self, target: bytes, path: str, size: int) -> None:
+        wd = self._add(self._fd, target, _MASK)
+        if wd < 0:
+            err = ctypes.get_errno()
+            if err == errno.ENOSPC:
+                raise SandboxError(
+                    "inotify watch limit reached; fix: raise it, e.g. "
+                    "`sysctl fs.inotify.max_user_watches=1048576`"
+                )
+            raise SandboxError(f"cannot watch {path} for reads: {os.strerror(err)}")
+        if wd not in self._wds:
+            self.watched.append(path)
+        self._wds[wd] = (path, size)
+
+    def watch_root(self, pid: int) -> None:
+        """Search the root of the container `pid` is in for readable credential files and
+        watch them (on the watch's thread; thread-safe)."""
+        if self.pattern is None or not self.search:
+            return
+        with self._fds_lock:
+            if self._wake_w < 0:  # stopped meanwhile: there is nothing left to watch
+                return
+            self._pids.put(pid)
+            os.write(self._wake_w, b"p")
+
+    def _search_root(self, pid: int) -> None:
+        try:
+            root = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:  # it exited already: nothing of it to watch
+            log.info("not searching the root of pid %d: %s", pid, e)
+            return
+        seen = 0
+        try:
+            for top in self.search:
+                try:
+                    for parent, dirs, files, dfd in os.fwalk(top.lstrip("/"), dir_fd=root):
+                        if parent.count("/") >= _MAX_DEPTH - 1:
+                            dirs.clear()
+                        seen += len(dirs) + len(files)
+                        if seen > _MAX_ENTRIES:
+                            log.warning("stopped searching the sandbox root at %d entries", seen)
+                            return
+                        for name in files:
+                            self._consider(f"/{parent}/{name}", name, dfd)
+                except (FileNotFoundError, NotADirectoryError, PermissionError):
+                    continue  # not in this image
+        finally:
+            os.close(root)
+
+    def _consider(self, path: str, name: str, dfd: int) -> None:
+        assert self.pattern is not None
+        if not self.pattern.search(path):
+            return
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except OSError:
+            return
+        if stat.S_ISREG(st.st_mode) and readable_by(st):
+            self._watch(f"/proc/self/fd/{dfd}/{name}".encode(), path, st.st_size)
+
+    # -- the thread ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="sandfleet-reads", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Report what is pending, then stop. Raises what stopped the thread."""
+        if self._thread is not None:
+            self._stopping.set()
+            os.write(self._wake_w, b"x")
+            self._thread.join()
+            self._thread = None
+        self.close()
+        if self.error is not None:
+            raise SandboxError(f"watching credential reads failed: {self.error}") from self.error
+
+    def close(self) -> None:
+        with self._fds_lock:
+            for fd in (self._fd, self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._fd = self._wake_r = self._wake_w = -1
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                due = self.debouncer.next_due_ns()
+                timeout = None if due is None else max(0.0, (due - time.monotonic_ns()) / 1e9)
+                ready, _, _ = select.select([self._fd, self._wake_r], [], [], timeout)
+                if self._wake_r in ready:
+                    os.read(self._wake_r, 4096)
+                    self._search_pending()
+                self.read_once()
+                self._report(self.debouncer.due(time.monotonic_ns()))
+            self.read_once()
+            self._report(self.debouncer.drain())
+        except Exception as e:  # stop() raises it
+            log.exception("watching credential reads stopped")
+            self.error = e
+
+    def _search_pending(self) -> None:
+        while True:
+            try:
+                pid = self._pids.get_nowait()
+            except queue.Empty:
+                return
+            self._search_root(pid)
+
+    def read_once(self) -> None:
+        """Feed whatever the kernel has queued to the debouncer (non-blocking)."""
+        while True:
+            try:
+                data = os.read(self._fd, 65536)
+            except BlockingIOError:
+                return
+            now = time.monotonic_ns()
+            for rec in parse_events(data):
+                if rec.mask & IN_Q_OVERFLOW:
+                    self.overflows += 1
+                    continue
+                where = self._wds.get(rec.wd)
+                if where is None or rec.mask & IN_IGNORED:
+                    continue
+                self.debouncer.add(now, where[0], bool(rec.mask & IN_ACCESS))
+
+    def _report(self, accesses: list[tuple[int, str, str]]) -> None:
+        sizes = dict(self._wds.values())
+        for mono_ns, op, path in accesses:
+            self.callback(FileChange(mono_ns, op, path, sizes.get(path, 0)))
