@@ -21,9 +21,18 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # The C helpers: the ledger's batch SHA-256 (accounting/native/sha256.c) and the
-# process-events reader (sandbox/native/procmon.c). Without a C compiler the Python
-# paths run, slower.
+# command readers: eBPF (sandbox/native/ebpfmon*.c: clang, libbpf) and the connector's
+# (sandbox/native/procmon.c). Installs the toolchain when a part is missing (Debian,
+# as root); without it the next reader / the Python paths run, slower.
+NATIVE_PACKAGES := gcc clang libbpf-dev libelf-dev zlib1g-dev
 native: venv
+	@if ! command -v cc >/dev/null || ! command -v clang >/dev/null \
+		|| [ ! -e /usr/include/bpf/libbpf.h ]; then \
+		echo "setup: apt-get install $(NATIVE_PACKAGES) (native helpers, eBPF reader)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq $(NATIVE_PACKAGES) >/dev/null \
+			|| echo "setup: could not install the toolchain; slower readers will run"; \
+	fi
 	@$(PY) -m accounting.native
 	@$(PY) -m sandbox.native
 

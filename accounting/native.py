@@ -4,28 +4,32 @@ sandfleet ships a few C sources beside its Python (the ledger's batch SHA-256, t
 process-events reader). Each is compiled with the system's `cc` into `build_dir()`,
 under a name that hashes the source and the flags, so an edited source is never run
 stale; the build writes a temporary file and renames it, so concurrent builders never
-see half a binary. `make setup` builds
-them ahead (`python -m accounting.native`). Every caller has a pure-Python path for a
-machine without a compiler: a native helper makes things faster, never different.
+see half a binary; `bpf_object(source)` does the same for an eBPF program (clang).
+`make setup` builds them ahead (`python -m accounting.native`). Every caller has a
+pure-Python path for a machine without a compiler: a native helper makes things
+faster, never different.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
 from accounting.errors import SandfleetError
 
-__all__ = ["NativeBuildError", "build_dir", "compiled"]
+__all__ = ["NativeBuildError", "bpf_object", "build_dir", "compiled"]
 
 _CFLAGS: Final = ("-O2", "-Wall", "-Wextra")
+_BPF_CFLAGS: Final = ("-g", "-O2", "-target", "bpf", "-Wall")  # -g: the BTF CO-RE needs
 
 
 class NativeBuildError(SandfleetError):
@@ -46,16 +50,21 @@ def build_dir() -> Path:
 
 
 def compiled(
-    source: Path, *, shared: bool = False, libs: Sequence[str] = (), defines: Sequence[str] = ()
+    source: Path,
+    *,
+    shared: bool = False,
+    libs: Sequence[str] = (),
+    defines: Sequence[str] = (),
+    depends: Sequence[Path] = (),
 ) -> Path:
     """The executable (or, with `shared`, the shared library) built from `source`,
     compiling it first unless it is already built from this very source and flags.
 
-    Raises `NativeBuildError` naming the fix when there is no C compiler or it fails.
+    `depends` are the headers it includes: an edit of one rebuilds it too. Raises
+    `NativeBuildError` naming the fix when there is no C compiler or it fails.
     """
     flags = [*_CFLAGS, *defines, *(("-shared", "-fPIC") if shared else ())]
-    digest = hashlib.sha256(source.read_bytes() + " ".join([*flags, *libs]).encode())
-    target = build_dir() / f"{source.stem}-{digest.hexdigest()[:16]}{'.so' if shared else ''}"
+    target = _target(source, [*flags, *libs], depends, ".so" if shared else "")
     if target.exists():
         return target
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -64,17 +73,52 @@ def compiled(
             f"no C compiler to build {source.name} (fix: `apt-get install gcc`; "
             "the slower Python path is used meanwhile)"
         )
+    _build(target, lambda out: [cc, *flags, "-o", out, str(source), *libs], source)
+    return target
+
+
+def bpf_object(source: Path, *, defines: Sequence[str] = (), depends: Sequence[Path] = ()) -> Path:
+    """The eBPF object file built from `source` by clang (`-target bpf`, with BTF for
+    CO-RE), compiling it first unless it is already built from this very source.
+
+    Raises `NativeBuildError` naming the fix when there is no clang or it fails.
+    """
+    multiarch = sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
+    flags = [*_BPF_CFLAGS, f"-I/usr/include/{multiarch}", *defines]
+    target = _target(source, flags, depends, ".o")
+    if target.exists():
+        return target
+    names = ("clang", *(f"clang-{n}" for n in range(20, 10, -1)))  # Debian's versioned ones
+    clang = os.environ.get("BPF_CLANG") or next(filter(None, map(shutil.which, names)), None)
+    if clang is None:
+        raise NativeBuildError(
+            f"no clang to build the eBPF program {source.name} (fix: `apt-get install clang "
+            "libbpf-dev`, or `make setup`)"
+        )
+    _build(target, lambda out: [clang, *flags, "-c", str(source), "-o", out], source)
+    return target
+
+
+def _target(source: Path, flags: Sequence[str], depends: Sequence[Path], suffix: str) -> Path:
+    """Where `source` built with `flags` lives: named after a hash of all it is made of."""
+    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode())
+    for dep in depends:  # (none: the same name as before `depends` existed)
+        digest.update(b"\0" + dep.read_bytes())
+    return build_dir() / f"{source.stem}-{digest.hexdigest()[:16]}{suffix}"
+
+
+def _build(target: Path, command: Callable[[str], list[str]], source: Path) -> None:
+    """Run `command(temporary path)`, then rename its output to `target`: a concurrent
+    builder finds a whole file or none."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run(
-            [cc, *flags, "-o", tmp, str(source), *libs], capture_output=True, text=True,
-            check=False,
-        )  # fmt: skip
+        argv = command(tmp)
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise NativeBuildError(
-                f"compiling {source} failed ({cc} exited {done.returncode}): "
+                f"compiling {source} failed ({argv[0]} exited {done.returncode}): "
                 f"{done.stderr.strip()[-2000:]}"
             )
         os.chmod(tmp, 0o755)  # noqa: S103 - an executable, like any in /usr/bin
@@ -82,7 +126,6 @@ def compiled(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
 
 
 def main() -> int:

@@ -7,8 +7,13 @@ N hardened sandboxes (template `minimal`, the real `container_spec`), each with 
   commands/s per sandbox, an agent running a build);
 - busy: the same loop without the sleep, as fast as the sandbox's CPU allows.
 Over a fixed window the bench reads the on-CPU time (schedstat, ns) of everything
-capture runs: the shared process-events reader process, the hub's dispatch thread, and
-each capture's loop and file-watch threads.
+capture runs: the shared command reader process, the hub's dispatch thread, and each
+capture's loop and file-watch threads; with the eBPF reader also its programs' time in
+the kernel (run_time_ns of each program, from the reader's /proc/<pid>/fdinfo, which
+the reader keeps counting when SANDFLEET_BPF_STATS=1, as this bench sets): that time is
+spent in the sandboxes' own exec / fork / exit, and is counted as capture all the same.
+The reader is the hub's choice (eBPF, else the connector's native one, else Python);
+`SANDFLEET_PROC_READER=ebpf|native|python` picks one. The figures name the reader.
 
     .venv/bin/python bench/monitor.py [--quick] [--sandboxes N] [--seconds S]
 
@@ -65,6 +70,26 @@ MODERATE = LOOP.replace("PACE", "sleep 0.2")  # ~14 commands/s: an agent running
 IDLE = (
     "python3 -c 'import os, time\nwhile not os.path.exists(\"/workspace/stop\"): time.sleep(0.2)'"
 )
+
+
+def bpf_run_ns(pid: int) -> int:
+    """In-kernel ns of the BPF programs process `pid` holds (0 without BPF run stats)."""
+    total = 0
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except FileNotFoundError:
+        return 0
+    for fd in fds:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                info = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if "prog_tag:" in info:  # a BPF program (a link's fdinfo names no run time)
+            for line in info.splitlines():
+                if line.startswith("run_time_ns:"):
+                    total += int(line.split()[1])
+    return total
 
 
 def task_cpu_ns(pid: int, tid: int | None = None) -> int:
@@ -145,9 +170,11 @@ def run_phase(
         time.sleep(1.0)  # let every sandbox reach its loop before the window opens
 
         def capture_cpu() -> dict[str, int]:
-            parts = {"reader_process": 0, "dispatch": 0, "activity": 0, "file_watch": 0}
+            parts = {"reader_process": 0, "bpf_in_kernel": 0, "dispatch": 0, "activity": 0,
+                     "file_watch": 0}  # fmt: skip
             if hub.pid is not None:
                 parts["reader_process"] = task_cpu_ns(hub.pid)
+                parts["bpf_in_kernel"] = bpf_run_ns(hub.pid)
             if hub.native_id is not None:
                 parts["dispatch"] = task_cpu_ns(os.getpid(), hub.native_id)
             for cap in captures:
@@ -199,6 +226,7 @@ def run_phase(
             "latency_ms_p99": pct(sink.latencies_ms, 0.99),
             "realtime_reader": hub.realtime,
             "reader": hub.reader,
+            "readers_passed_over": dict(hub.passed_over),
         }
     finally:
         for cap in captures:
@@ -216,6 +244,7 @@ def main() -> int:
     args = ap.parse_args()
     n = args.sandboxes or (2 if args.quick else 4)
     seconds = args.seconds or (4.0 if args.quick else 10.0)
+    os.environ.setdefault("SANDFLEET_BPF_STATS", "1")  # the eBPF reader's in-kernel time
     client = docker.from_env(timeout=120)
     try:
         idle = run_phase(client, n, seconds, IDLE, "idle", 0, setup=3)  # init, sh, python3
@@ -242,8 +271,10 @@ def main() -> int:
                for ph in (moderate, busy)}  # fmt: skip
     budget = (TARGET_SHARE - baseline) / TARGET_SANDBOXES - fixed
     max_rate = budget / per_cmd["moderate"] if per_cmd["moderate"] > 0 else float("inf")
+    passed = "; ".join(f"{k}: {v}" for k, v in busy["readers_passed_over"].items())
     print(f"capture mode {'/'.join(busy['mode'])}, reader {busy['reader'] or 'none'} "
-          f"(SANDFLEET_PROC_READER=python|native picks one)")  # fmt: skip
+          f"(SANDFLEET_PROC_READER=ebpf|native|python picks one)"
+          f"{'; passed over: ' + passed if passed else ''}")  # fmt: skip
     for ph in (idle, moderate, busy):
         print(f"{ph['phase']:>8}: {ph['sandboxes']} sandboxes, {ph['commands_per_s']:.0f} "
               f"commands/s, capture CPU {100 * ph['capture_cpu_share']:.2f}% of a core; "

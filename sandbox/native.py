@@ -1,13 +1,18 @@
-"""The native process-events reader (`sandbox/native/procmon.c`), compiled on demand.
+"""The native command readers, compiled on demand.
 
-`procmon_path()` returns the compiled reader, compiling it first (`cc -O2`) when there
-is none for the current source; None when it cannot be had (no compiler, or the
-compile failed: the reason is logged) — `sandbox.proc_hub` then runs the Python reader
-(`python -m sandbox.proc_events`), which does the same work for far more CPU.
+- the eBPF reader (`sandbox/native/ebpfmon.bpf.c`, the kernel side, built by clang;
+  `ebpfmon.c`, its libbpf loader): `ebpfmon_argv()` is how to run it, None when it
+  cannot be built (no clang or libbpf: the reason is logged);
+- the connector reader (`sandbox/native/procmon.c`): `procmon_path()` returns it,
+  compiling it first (`cc -O2`) when there is none for the current source; None when
+  it cannot be had (no compiler, or the compile failed: the reason is logged).
+
+`sandbox.proc_hub` runs the first that can be had and starts, else the Python reader
+(`python -m sandbox.proc_events`), which does the connector's work for far more CPU.
 
 Binaries live in `build/native/` at the project root (or `$SANDFLEET_NATIVE_DIR`), named
 after a hash of the source, so an edited source is never run stale. `make setup` builds
-it ahead (`python -m sandbox.native`).
+them ahead (`python -m sandbox.native`).
 """
 
 from __future__ import annotations
@@ -23,12 +28,24 @@ from pathlib import Path
 from typing import Final
 
 from accounting.errors import SandboxError
+from accounting.native import NativeBuildError, bpf_object, compiled
 
-__all__ = ["SOURCE", "build_procmon", "procmon_path"]
+__all__ = [
+    "EBPF_LOADER",
+    "EBPF_PROGRAM",
+    "SOURCE",
+    "build_ebpfmon",
+    "build_procmon",
+    "ebpfmon_argv",
+    "procmon_path",
+]
 
 log = logging.getLogger(__name__)
 
 SOURCE: Final = Path(__file__).resolve().parent / "native" / "procmon.c"
+EBPF_PROGRAM: Final = SOURCE.parent / "ebpfmon.bpf.c"
+EBPF_LOADER: Final = SOURCE.parent / "ebpfmon.c"
+EBPF_HEADER: Final = SOURCE.parent / "ebpfmon.h"
 _CFLAGS: Final = ("-O2", "-Wall", "-Wextra")
 
 
@@ -87,13 +104,45 @@ def procmon_path() -> Path | None:
         return None
 
 
-def main() -> int:
+def build_ebpfmon(program: Path = EBPF_PROGRAM, loader: Path = EBPF_LOADER) -> list[str]:
+    """Build the eBPF reader unless it is built from these sources; how to run it
+    (`[loader, program object]`).
+
+    Raises `SandboxError` naming the fix when clang, a C compiler or libbpf is missing,
+    or a compile fails.
+    """
     try:
-        path = build_procmon()
+        obj = bpf_object(program, depends=[EBPF_HEADER])
+        exe = compiled(loader, libs=["-lbpf"], depends=[EBPF_HEADER])
+    except NativeBuildError as e:
+        raise SandboxError(
+            f"the eBPF command reader cannot be built: {e} (fix: `make setup`, which runs "
+            "`apt-get install clang libbpf-dev gcc`)"
+        ) from e
+    return [str(exe), str(obj)]
+
+
+def ebpfmon_argv() -> list[str] | None:
+    """The eBPF reader's command line, built if need be; None when it cannot be built."""
+    if not (EBPF_PROGRAM.exists() and EBPF_LOADER.exists()):
+        return None
+    try:
+        return build_ebpfmon()
     except (SandboxError, OSError) as e:
-        print(f"setup: {e}", file=sys.stderr)
-        return 0  # not fatal: command capture runs the Python reader
-    print(f"setup: native process-events reader {path}")
+        log.warning("eBPF command reader unavailable (%s); using the connector's", e)
+        return None
+
+
+def main() -> int:
+    """`make setup`: build both readers now; a failure is reported, not fatal."""
+    try:
+        print(f"setup: eBPF command reader {' '.join(build_ebpfmon())}")
+    except (SandboxError, OSError) as e:
+        print(f"setup: {e}", file=sys.stderr)  # not fatal: the connector reader runs
+    try:
+        print(f"setup: native process-events reader {build_procmon()}")
+    except (SandboxError, OSError) as e:
+        print(f"setup: {e}", file=sys.stderr)  # not fatal: the Python reader runs
     return 0
 
 

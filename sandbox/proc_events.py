@@ -11,6 +11,8 @@ and writes one JSON line (ready or error), then binary records
 (`sandbox.proc_table.pack_record`) to its stdout; `sandbox.proc_hub.NetlinkProcHub` is
 the parent side. The native reader (`sandbox/native/procmon.c`, see `sandbox.native`)
 does the same for a fraction of the CPU; this one is its fallback and its reference.
+(The eBPF reader, `sandbox/native/ebpfmon.c`, preferred to both, needs no connector:
+the kernel hands it argv, so it has no race with a short command to win.)
 
 Pids are host pids; times are CLOCK_MONOTONIC nanoseconds (the connector's clock).
 The wire format is pure and tested without a kernel.

@@ -1,9 +1,16 @@
 """The parent side of command capture: one reader process, shared by every sandbox.
 
-`NetlinkProcHub.shared()` starts the connector's reader on the first `subscribe`, and
-stops it with the last `unsubscribe`: the native one (`sandbox/native/procmon.c`, built
-by `sandbox.native`) when it can be had, else `python -m sandbox.proc_events`; `reader`
-says which ran (`SANDFLEET_PROC_READER=python|native` forces one).
+`NetlinkProcHub.shared()` starts a reader on the first `subscribe`, and stops it with
+the last `unsubscribe`. Readers, in order of preference (each built by `sandbox.native`):
+- `ebpf` (`sandbox/native/ebpfmon.bpf.c` + its loader `ebpfmon.c`): the kernel reads
+  argv at exec time and keeps only the watched containers' pid namespaces; the reader
+  drains a ring buffer on a timer, so a busy sandbox costs no wake-up per exec;
+- `native` (`sandbox/native/procmon.c`): the process-events connector, argv from /proc;
+- `python` (`python -m sandbox.proc_events`): the same, for far more CPU.
+One that cannot be built, or does not start (no root, an old kernel, the verifier's
+refusal), is passed over with a warning saying why (`passed_over` keeps it); `reader`
+says which ran (`SANDFLEET_PROC_READER=ebpf|native|python` forces one). All speak one
+protocol (`sandbox/native/procmon.c` describes it).
 `subscribe(container_id, pids, callback)` returns once the reader watches the
 container; callbacks receive `CommandStarted` / `CommandFinished` / `ContainerEmpty`
 records (`sandbox.proc_table`) on the hub's dispatch thread — keep them short. When
@@ -31,7 +38,8 @@ __all__ = ["NetlinkProcHub"]
 log = logging.getLogger(__name__)
 
 Callback = Callable[[Record], None]
-ReaderKind = Literal["auto", "native", "python"]
+ReaderKind = Literal["auto", "ebpf", "native", "python"]
+_KINDS: Final = ("auto", "ebpf", "native", "python")
 _START_TIMEOUT_S: Final = 30.0
 _PYTHON_READER: Final = [sys.executable, "-m", "sandbox.proc_events"]
 
@@ -53,10 +61,11 @@ class NetlinkProcHub:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._start_error = ""
-        self._refused = ""
+        self._refused: dict[str, str] = {}  # reader -> why it did not start (no retry)
+        self.passed_over: dict[str, str] = {}  # readers not run this time, and why
         self.lost = 0  # datagrams the kernel dropped because the reader fell behind
         self.realtime = False
-        self.reader = ""  # which reader ran: "native" or "python" (its ready line says)
+        self.reader = ""  # which reader ran: "ebpf", "native" or "python" (its ready line)
         self.pid: int | None = None  # the reader process (its CPU is capture overhead)
         self.native_id: int | None = None  # the dispatch thread's tid
 
@@ -129,19 +138,27 @@ class NetlinkProcHub:
         self._proc.stdin.flush()
 
     def _spawn(self) -> None:
-        if self._refused:  # the kernel's answer does not change; do not ask again
-            raise SandboxError(self._refused)
-        argv = self._reader_argv()
-        try:
-            self._start(argv)
-        except (OSError, SandboxError) as e:
-            if self.argv is not None or self.want != "auto" or argv == _PYTHON_READER:
-                raise
-            log.warning("the native process-events reader failed (%s); using the Python one", e)
-            self._refused = ""
-            self._start(list(_PYTHON_READER))
+        """Start the first reader that can be had and starts (only the wanted one when
+        `SANDFLEET_PROC_READER` or `argv` names it)."""
+        forced = self.argv is not None or self.want != "auto"
+        why = ""
+        for kind, argv in self._readers():
+            why = self._refused.get(kind, "")
+            if not why:  # (the kernel's or the verifier's answer does not change)
+                try:
+                    self._start(kind, argv)
+                    return
+                except (OSError, SandboxError) as e:
+                    why = str(e)
+                    if not isinstance(e, OSError):
+                        self._refused[kind] = why
+            if forced:
+                raise SandboxError(why)
+            self.passed_over[kind] = why
+            log.warning("the %s command reader cannot run (%s); trying the next one", kind, why)
+        raise SandboxError(why)
 
-    def _start(self, argv: list[str]) -> None:
+    def _start(self, kind: str, argv: list[str]) -> None:
         root = str(Path(__file__).resolve().parent.parent)  # importable from any cwd
         env = {
             **os.environ,
@@ -162,31 +179,51 @@ class NetlinkProcHub:
         thread.start()
         if not self._ready.wait(_START_TIMEOUT_S) or self._start_error:
             self._reap(proc, thread)
-            why = (
+            if kind == "ebpf":
+                raise SandboxError(
+                    f"the eBPF command reader did not start ({self._start_error or 'no answer'})"
+                    "; it needs root, a kernel with BTF (5.8 or later) and the BPF verifier's "
+                    "consent"
+                )
+            raise SandboxError(
                 "the kernel refused the process-events connector "
                 f"({self._start_error or 'no answer'}); it needs root in the host's user and pid "
                 "namespaces and CONFIG_PROC_EVENTS; command capture falls back to polling"
             )
-            if self._start_error:
-                self._refused = why
-            raise SandboxError(why)
         self._proc, self._thread, self.pid = proc, thread, proc.pid
 
-    def _reader_argv(self) -> list[str]:
+    def _readers(self) -> list[tuple[str, list[str]]]:
+        """The readers to try, in order, as (kind, argv); building them if need be."""
         if self.argv is not None:
-            return self.argv
-        if self.want != "python":
-            from sandbox.native import procmon_path
+            return [("given", self.argv)]
+        from sandbox import native
 
-            path = procmon_path()
+        out: list[tuple[str, list[str]]] = []
+        if self.want in ("auto", "ebpf"):
+            ebpf = native.ebpfmon_argv()
+            if ebpf is not None:
+                out.append(("ebpf", ebpf))
+            elif self.want == "ebpf":
+                raise SandboxError(
+                    "the eBPF command reader cannot be built (see the log); fix: `make setup` "
+                    "(apt-get install clang libbpf-dev gcc) or unset SANDFLEET_PROC_READER"
+                )
+            else:
+                self.passed_over["ebpf"] = "cannot be built (see the log)"
+        if self.want in ("auto", "native"):
+            path = native.procmon_path()
             if path is not None:
-                return [str(path)]
-            if self.want == "native":
+                out.append(("native", [str(path)]))
+            elif self.want == "native":
                 raise SandboxError(
                     "the native process-events reader cannot be built (see the log); fix: "
                     "install a C compiler (`apt-get install gcc`) or unset SANDFLEET_PROC_READER"
                 )
-        return list(_PYTHON_READER)
+            else:
+                self.passed_over["native"] = "cannot be built (see the log)"
+        if self.want in ("auto", "python"):
+            out.append(("python", list(_PYTHON_READER)))
+        return out
 
     def _reap(self, proc: subprocess.Popen[bytes], thread: threading.Thread | None) -> None:
         try:
@@ -266,8 +303,8 @@ class NetlinkProcHub:
 
 def _reader_from_env() -> ReaderKind:
     want = os.environ.get("SANDFLEET_PROC_READER", "auto")
-    if want not in ("auto", "native", "python"):
+    if want not in _KINDS:
         raise SandboxError(
-            f"SANDFLEET_PROC_READER={want!r} is not a reader; fix: use auto, native or python"
+            f"SANDFLEET_PROC_READER={want!r} is not a reader; fix: use {', '.join(_KINDS)}"
         )
     return want  # type: ignore[return-value]

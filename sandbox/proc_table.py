@@ -100,6 +100,7 @@ class CommandStarted:
     argv: tuple[str, ...]
     mono_ns: int
     mode: CaptureMode
+    argv_truncated: bool = False  # the eBPF reader keeps the first 4 KiB of a longer argv
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,7 @@ class CommandFinished:
     mono_ns: int
     exit: int | None
     mode: CaptureMode
+    argv_truncated: bool = False
 
     @property
     def duration_ms(self) -> int:
@@ -299,16 +301,19 @@ class ProcessTable:
 
 # -- records between the reader process and its parent (binary, after one JSON line) --
 #
-# Both readers (`sandbox.proc_events` and the native `sandbox/native/procmon.c`) write
-# one JSON line (`ready` or `error`), then records: a fixed head, then the argv bytes
-# (NUL-separated, no trailing NUL). Binary, so the hot path neither escapes nor parses.
+# Every reader (`sandbox.proc_events`, the native `sandbox/native/procmon.c`, the eBPF
+# `sandbox/native/ebpfmon.c`) writes one JSON line (`ready` or `error`), then records: a
+# fixed head, then the argv bytes (NUL-separated, no trailing NUL). Binary, so the hot
+# path neither escapes nor parses.
 
 REC_START: Final = 1
 REC_END: Final = 2
 REC_EMPTY: Final = 3
 REC_ACK: Final = 4  # a watch / unwatch command was done
 REC_LOST: Final = 5  # the kernel dropped events: the reader fell behind
-_REC = struct.Struct("=IBBxxiiiqq64s")  # size, kind, has_exit, pid, ppid, exit, start, ns, cid
+# size, kind, has_exit, flags, pid, ppid, exit, start, ns, cid
+_REC = struct.Struct("=IBBBxiiiqq64s")
+_TRUNCATED: Final = 1  # flags: argv was cut
 _NO_CID: Final = b"\0" * 64
 
 
@@ -317,21 +322,26 @@ def pack_record(container_id: str, rec: Record) -> bytes:
     cid = container_id.encode()
     if isinstance(rec, CommandStarted):
         argv = "\0".join(rec.argv).encode("utf-8", "surrogateescape")
-        head = _REC.pack(_REC.size + len(argv), REC_START, 0, rec.pid, rec.ppid, 0,
-                         rec.mono_ns, rec.mono_ns, cid)  # fmt: skip
+        head = _REC.pack(_REC.size + len(argv), REC_START, 0, _flags(rec), rec.pid,
+                         rec.ppid, 0, rec.mono_ns, rec.mono_ns, cid)  # fmt: skip
         return head + argv
     if isinstance(rec, CommandFinished):
         argv = "\0".join(rec.argv).encode("utf-8", "surrogateescape")
         code = rec.exit if rec.exit is not None else 0
-        head = _REC.pack(_REC.size + len(argv), REC_END, rec.exit is not None, rec.pid,
-                         rec.ppid, code, rec.start_mono_ns, rec.mono_ns, cid)  # fmt: skip
+        head = _REC.pack(_REC.size + len(argv), REC_END, rec.exit is not None, _flags(rec),
+                         rec.pid, rec.ppid, code, rec.start_mono_ns, rec.mono_ns,
+                         cid)  # fmt: skip
         return head + argv
-    return _REC.pack(_REC.size, REC_EMPTY, 0, 0, 0, 0, 0, rec.mono_ns, cid)
+    return _REC.pack(_REC.size, REC_EMPTY, 0, 0, 0, 0, 0, 0, rec.mono_ns, cid)
+
+
+def _flags(rec: CommandStarted | CommandFinished) -> int:
+    return _TRUNCATED if rec.argv_truncated else 0
 
 
 def pack_control(kind: int, container_id: str = "") -> bytes:
     """An `REC_ACK` (for `container_id`) or `REC_LOST` record."""
-    return _REC.pack(_REC.size, kind, 0, 0, 0, 0, 0, 0, container_id.encode() or _NO_CID)
+    return _REC.pack(_REC.size, kind, 0, 0, 0, 0, 0, 0, 0, container_id.encode() or _NO_CID)
 
 
 def unpack_records(
@@ -342,7 +352,7 @@ def unpack_records(
     out: list[tuple[int, str, Record | None]] = []
     unpack, head, n, off = _REC.unpack_from, _REC.size, len(data), 0
     while off + head <= n:
-        size, kind, has_exit, pid, ppid, code, start_ns, ns, raw_cid = unpack(data, off)
+        size, kind, has_exit, flags, pid, ppid, code, start_ns, ns, raw_cid = unpack(data, off)
         end = off + size
         if size < head or end > n:
             break
@@ -351,11 +361,12 @@ def unpack_records(
         if kind in (REC_START, REC_END):
             raw = data[off + head : end]
             argv = tuple(raw.decode("utf-8", "replace").split("\0")) if raw else ()
+            cut = bool(flags & _TRUNCATED)
             if kind == REC_START:
-                rec = CommandStarted(pid, ppid, argv, ns, mode)
+                rec = CommandStarted(pid, ppid, argv, ns, mode, cut)
             else:
                 rec = CommandFinished(pid, ppid, argv, start_ns, ns,
-                                      code if has_exit else None, mode)  # fmt: skip
+                                      code if has_exit else None, mode, cut)  # fmt: skip
         elif kind == REC_EMPTY:
             rec = ContainerEmpty(ns)
         out.append((kind, cid, rec))

@@ -9,7 +9,7 @@
  *
  * stdin:  `watch <cid> [pid,...]` and `unwatch <cid>`, one per line.
  * stdout: one JSON line first (`{"t":"ready",...}` or `{"t":"error","msg":...}`), then
- *         records: struct `=IBBxxiiiqq64s` (size, kind, has_exit, pid, ppid, exit,
+ *         records: struct `=IBBBxiiiqq64s` (size, kind, has_exit, argv_truncated, pid, ppid, exit,
  *         start_ns, ns, cid) followed by size-100 bytes of argv (NUL-separated).
  *         See `sandbox.proc_table.pack_record` / `unpack_records`.
  * Ends when stdin closes. Pids are host pids; times CLOCK_MONOTONIC ns (the kernel's).

@@ -1,7 +1,8 @@
-"""The native process-events reader: built from its source, replaced by the Python
-reader when it cannot be built, and, on a real kernel and engine, telling a sandbox's
-commands (even one that lives a millisecond) from the host's and another sandbox's,
-exactly as the Python reader does."""
+"""The native command readers (eBPF, and the connector's in C): built from their
+sources, each replaced by the next (eBPF -> native -> Python) when it cannot be built or
+started, and, on a real kernel and engine, telling a sandbox's commands (even one that
+lives a millisecond) from the host's and another sandbox's, exactly as the Python reader
+does."""
 
 from __future__ import annotations
 
@@ -62,17 +63,63 @@ def test_a_source_that_does_not_compile_names_the_compiler_error(
     assert list((tmp_path / "build").iterdir()) == []  # no half-written binary is left
 
 
+def require_ebpf_toolchain() -> None:
+    if shutil.which("clang") is None or not Path("/usr/include/bpf/libbpf.h").exists():
+        missing_engine("no eBPF toolchain (`make setup`: apt-get install clang libbpf-dev)")
+
+
+def test_the_ebpf_reader_is_built_once_per_source_and_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_ebpf_toolchain()
+    monkeypatch.setenv("SANDFLEET_NATIVE_DIR", str(tmp_path / "build"))
+    loader, program = native.build_ebpfmon()
+    assert {Path(loader).parent, Path(program).parent} == {tmp_path / "build"}
+    built_at = Path(program).stat().st_mtime_ns
+    assert native.build_ebpfmon() == [loader, program]
+    assert Path(program).stat().st_mtime_ns == built_at
+    edited = tmp_path / "ebpfmon.bpf.c"
+    text = native.EBPF_PROGRAM.read_text().replace('"ebpfmon.h"', f'"{native.EBPF_HEADER}"')
+    edited.write_text(text + "\n/* edited */\n")
+    assert native.build_ebpfmon(edited)[1] != program  # a changed source is never run stale
+
+
+def test_an_ebpf_program_that_does_not_compile_names_the_compiler_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_ebpf_toolchain()
+    monkeypatch.setenv("SANDFLEET_NATIVE_DIR", str(tmp_path / "build"))
+    broken = tmp_path / "ebpfmon.bpf.c"
+    broken.write_text("int prog(void) { return nope; }\n")
+    with pytest.raises(SandboxError, match=r"(?s)nope.*make setup"):
+        native.build_ebpfmon(broken)
+    assert list((tmp_path / "build").iterdir()) == []  # no half-written object is left
+
+
 def test_without_a_compiler_the_python_reader_is_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SANDFLEET_NATIVE_DIR", str(tmp_path / "empty"))
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
     monkeypatch.delenv("CC", raising=False)
-    assert native.procmon_path() is None
-    assert NetlinkProcHub(reader="auto")._reader_argv() == [sys.executable, "-m",
-                                                             "sandbox.proc_events"]  # fmt: skip
+    monkeypatch.delenv("BPF_CLANG", raising=False)
+    assert native.ebpfmon_argv() is None and native.procmon_path() is None
+    hub = NetlinkProcHub(reader="auto")
+    assert hub._readers() == [("python", [sys.executable, "-m", "sandbox.proc_events"])]
+    assert set(hub.passed_over) == {"ebpf", "native"}
     with pytest.raises(SandboxError, match="C compiler"):
-        NetlinkProcHub(reader="native")._reader_argv()
+        NetlinkProcHub(reader="native")._readers()
+    with pytest.raises(SandboxError, match="make setup"):
+        NetlinkProcHub(reader="ebpf")._readers()
+
+
+def test_without_the_ebpf_toolchain_the_native_reader_comes_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if native.procmon_path() is None:
+        missing_engine("the native reader cannot be built (no C compiler?)")
+    monkeypatch.setattr(native, "ebpfmon_argv", lambda: None)
+    assert [kind for kind, _ in NetlinkProcHub(reader="auto")._readers()] == ["native", "python"]
 
 
 @pytest.mark.parametrize("binary", ["missing", "/bin/false"])
@@ -82,6 +129,7 @@ def test_a_native_reader_that_is_missing_or_fails_is_replaced_by_the_python_one(
     if os.geteuid() != 0:
         missing_engine("the process-events connector needs root")
     path = tmp_path / "procmon-gone" if binary == "missing" else Path(binary)
+    monkeypatch.setattr(native, "ebpfmon_argv", lambda: None)
     monkeypatch.setattr(native, "procmon_path", lambda: path)
     hub = NetlinkProcHub(reader="auto")
     hub.subscribe("c" * 64, [], Collected())
@@ -91,8 +139,37 @@ def test_a_native_reader_that_is_missing_or_fails_is_replaced_by_the_python_one(
         hub.unsubscribe("c" * 64)
 
 
+@pytest.mark.parametrize("how", ["missing", "exits", "refused-program"])
+def test_an_ebpf_reader_that_is_missing_or_refused_is_replaced_by_the_native_one(
+    how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if os.geteuid() != 0:
+        missing_engine("the process-events connector needs root")
+    if native.procmon_path() is None:
+        missing_engine("the native reader cannot be built (no C compiler?)")
+    if how == "missing":
+        argv = [str(tmp_path / "ebpfmon-gone"), str(tmp_path / "gone.o")]
+    elif how == "exits":
+        argv = ["/bin/false"]
+    else:  # the real loader, given an object the kernel cannot load
+        require_ebpf_toolchain()
+        (tmp_path / "bad.o").write_bytes(b"not an ELF object")
+        argv = [native.build_ebpfmon()[0], str(tmp_path / "bad.o")]
+    monkeypatch.setattr(native, "ebpfmon_argv", lambda: argv)
+    hub = NetlinkProcHub(reader="auto")
+    hub.subscribe("c" * 64, [], Collected())
+    try:
+        assert hub.reader == "native" and "ebpf" in hub.passed_over
+    finally:
+        hub.unsubscribe("c" * 64)
+    if how == "refused-program":
+        assert "bad.o" in hub.passed_over["ebpf"]  # the reason is kept (and logged)
+        with pytest.raises(SandboxError, match="eBPF command reader did not start"):
+            NetlinkProcHub(reader="ebpf").subscribe("c" * 64, [], Collected())
+
+
 def test_an_unknown_reader_in_the_environment_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SANDFLEET_PROC_READER", "ebpf")
+    monkeypatch.setenv("SANDFLEET_PROC_READER", "bpf")
     with pytest.raises(SandboxError, match="SANDFLEET_PROC_READER"):
         NetlinkProcHub()
 
@@ -143,14 +220,24 @@ def containers(docker_client: Any) -> Iterator[Callable[[list[str]], Any]]:
             c.remove(force=True)
 
 
+def reader_hub(reader: str) -> NetlinkProcHub:
+    """A hub that runs `reader`; skips (fails under CI) when it cannot be built."""
+    if reader == "native" and native.procmon_path() is None:
+        missing_engine("the native reader cannot be built (no C compiler?)")
+    if reader == "ebpf" and native.ebpfmon_argv() is None:
+        missing_engine("the eBPF reader cannot be built (`make setup` installs clang, libbpf)")
+    return NetlinkProcHub(reader=reader)  # type: ignore[arg-type]
+
+
+READERS = ["ebpf", "native", "python"]
+
+
 @pytest.mark.docker
-@pytest.mark.parametrize("reader", ["native", "python"])
+@pytest.mark.parametrize("reader", READERS)
 def test_each_command_of_the_sandbox_and_nothing_else_is_captured(
     reader: str, containers: Callable[[list[str]], Any]
 ) -> None:
-    if reader == "native" and native.procmon_path() is None:
-        missing_engine("the native reader cannot be built (no C compiler?)")
-    hub = NetlinkProcHub(reader=reader)  # type: ignore[arg-type]
+    hub = reader_hub(reader)
     watched, other = containers(["sh", "-c", SCRIPT]), containers(["sh", "-c", NOISE])
     got, others = Collected(), Collected()
     hub.subscribe(watched.id, [], got)
@@ -183,17 +270,16 @@ def test_each_command_of_the_sandbox_and_nothing_else_is_captured(
 
 
 @pytest.mark.docker
-@pytest.mark.parametrize("reader", ["native", "python"])
+@pytest.mark.parametrize("reader", READERS)
 def test_a_docker_exec_is_placed_by_its_cgroup(
     reader: str, containers: Callable[[list[str]], Any]
 ) -> None:
-    if reader == "native" and native.procmon_path() is None:
-        missing_engine("the native reader cannot be built (no C compiler?)")
-    hub = NetlinkProcHub(reader=reader)  # type: ignore[arg-type]
+    hub = reader_hub(reader)
     c = containers(["sleep", "60"])
     got = Collected()
     hub.subscribe(c.id, [], got)
     try:
+        assert hub.reader == reader
         c.start()
         assert c.exec_run(["sh", "-c", "/bin/echo via-exec; exit 5"]).exit_code == 5
         got.wait_for("the exec", lambda rs: ("sh", "-c", "/bin/echo via-exec; exit 5") in {
@@ -208,3 +294,39 @@ def test_a_docker_exec_is_placed_by_its_cgroup(
     assert done[("sh", "-c", "/bin/echo via-exec; exit 5")].exit == 5
     assert done[("/bin/echo", "via-exec")].exit == 0
     assert done[("sleep", "60")].exit == -9  # killed
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("reader", READERS)
+def test_a_running_container_watched_by_its_pids_has_its_commands_and_execs_captured(
+    reader: str, containers: Callable[[list[str]], Any]
+) -> None:
+    hub = reader_hub(reader)
+    c = containers(["sleep", "60"])
+    c.start()
+    c.reload()
+    got = Collected()
+    hub.subscribe(c.id, [c.attrs["State"]["Pid"]], got)  # its namespace is known up front
+    try:
+        assert hub.reader == reader
+        long_arg = "x" * 5000
+        assert c.exec_run(["sh", "-c", f"/bin/echo {long_arg} >/dev/null; exit 4"]).exit_code == 4
+        got.wait_for("the exec", lambda rs: any(
+            isinstance(r, CommandFinished) and r.argv[:2] == ("sh", "-c") for r in rs))  # fmt: skip
+        got.wait_for("the echo", lambda rs: any(
+            isinstance(r, CommandFinished) and r.argv[0] == "/bin/echo" for r in rs))  # fmt: skip
+        c.kill()
+        c.wait(timeout=60)
+        got.wait_for("the container's end", lambda rs: any(
+            isinstance(r, ContainerEmpty) for r in rs))  # fmt: skip
+    finally:
+        hub.unsubscribe(c.id)
+    ends = [r for r in got.records if isinstance(r, CommandFinished)]
+    shell = next(r for r in ends if r.argv[:2] == ("sh", "-c"))
+    echo = next(r for r in ends if r.argv[0] == "/bin/echo")
+    assert shell.exit == 4 and echo.exit == 0 and echo.ppid == shell.pid
+    if reader == "ebpf":  # the kernel keeps the first 4 KiB of argv, and says so
+        assert shell.argv_truncated and echo.argv_truncated
+        assert echo.argv[1].startswith("xxxx") and len("\0".join(echo.argv)) == 4096
+    else:
+        assert echo.argv == ("/bin/echo", long_arg) and not echo.argv_truncated
