@@ -7,10 +7,12 @@ N hardened sandboxes (template `minimal`, the real `container_spec`), each with 
   commands/s per sandbox, an agent running a build);
 - busy: the same loop without the sleep, as fast as the sandbox's CPU allows.
 Over a fixed window the bench reads the on-CPU time (schedstat, ns) of everything
-capture runs: the shared command reader process, the hub's dispatch thread, and each
-capture's loop and file-watch threads; with the eBPF reader also its programs' time in
-the kernel (run_time_ns of each program, from the reader's /proc/<pid>/fdinfo, which
-the reader keeps counting when SANDFLEET_BPF_STATS=1, as this bench sets): that time is
+capture runs: the shared command reader process, the hub's dispatch thread, and the
+threads the captures run on (the node's shared capture loop, which also services their
+file watchers: `activity`; a watcher on a thread of its own: `file_watch`), each once;
+with the eBPF reader also its programs' time in the kernel (run_time_ns of each program,
+from the reader's /proc/<pid>/fdinfo, which the reader keeps counting when
+SANDFLEET_BPF_STATS=1, as this bench sets): that time is
 spent in the sandboxes' own exec / fork / exit, and is counted as capture all the same.
 The reader is the hub's choice (eBPF, else the connector's native one, else Python);
 `SANDFLEET_PROC_READER=ebpf|native|python` picks one. The figures name the reader.
@@ -177,12 +179,14 @@ def run_phase(
                 parts["bpf_in_kernel"] = bpf_run_ns(hub.pid)
             if hub.native_id is not None:
                 parts["dispatch"] = task_cpu_ns(os.getpid(), hub.native_id)
-            for cap in captures:
-                for tid in cap.native_ids.values():
-                    parts["activity"] += task_cpu_ns(os.getpid(), tid)
-                watcher_tid = cap._watcher.native_id if cap._watcher is not None else None
-                if watcher_tid is not None:
-                    parts["file_watch"] += task_cpu_ns(os.getpid(), watcher_tid)
+            # Captures share threads (the node's capture loop): each thread counts once.
+            loop_tids = {tid for cap in captures for tid in cap.native_ids.values()}
+            watch_tids = {t for cap in captures if cap._watcher is not None
+                          and (t := cap._watcher.native_id) is not None}  # fmt: skip
+            for tid in loop_tids:
+                parts["activity"] += task_cpu_ns(os.getpid(), tid)
+            for tid in watch_tids - loop_tids:
+                parts["file_watch"] += task_cpu_ns(os.getpid(), tid)
             return parts
 
         with sink.lock:

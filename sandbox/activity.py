@@ -19,6 +19,14 @@ core-seconds, memory GiB-seconds) become compute `Charge`s priced by
 `configs/pricing.yaml`, sent to the same sink. `ledger_sink(writer)` adapts a
 `LedgerWriter`.
 
+The capture has no thread of its own: its work runs on the node's shared
+`sandbox.capture_loop.CaptureLoop`, on a 100 ms grid: while records flow, what gathered
+since the last tick goes to the sink as one batch (so an event reaches the sink within
+about a tick), samples fall on whole seconds, and the file watcher is serviced on the
+same wake-ups.
+The command reader hands over a list of records per read (`NetlinkProcHub`'s batch
+callbacks); they become events in one pass.
+
 Commands come from the kernel's process-events connector (`sandbox.proc_events`), or,
 where it is refused, from polling the container's processes (`sandbox.proc_poll`);
 `report.mode` and each command event say which.
@@ -28,11 +36,9 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -43,11 +49,21 @@ from accounting.charging import resource_charges
 from accounting.errors import SandboxError
 from accounting.pricing import PriceList, load_pricing
 from accounting.schemas import Charge, Event, EventKind, UsageBucket
+from sandbox.capture_loop import CaptureLoop
+from sandbox.capture_records import (
+    CaptureIdentity,
+    CaptureReport,
+    Record,
+    Sink,
+    capture_events,
+    ledger_sink,
+)
 from sandbox.cgroup_stats import CgroupReader, CgroupSample, ResourceTotals, UsageIntegrator
-from sandbox.file_watch import FileChange, FileWatcher, WatchRoot
+from sandbox.file_watch import FileWatcher, WatchRoot
 from sandbox.proc_hub import NetlinkProcHub
 from sandbox.proc_poll import PollingProcSource
-from sandbox.proc_table import CaptureMode, CommandFinished, CommandStarted, ContainerEmpty
+from sandbox.proc_table import CaptureMode
+from sandbox.proc_table import Record as ProcRecord
 from sandbox.sensitive_watch import SensitiveWatch
 
 __all__ = [
@@ -61,61 +77,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Record = Event | Charge
-Sink = Callable[[list[Record]], None]
 ProcMode = Literal["auto", "netlink", "poll"]
-_BATCH = 512
+_BATCH = 512  # records per sink call at most
+_TICK_S = 0.1  # the shared loop's grid (gather_s)
+_NEVER = 1 << 62  # no sample is scheduled (ns)
 # Where a hardened sandbox can write besides its workspace (the root is read-only); these
 # are paths inside the container, watched through /proc/<pid>/root.
 SANDBOX_WRITABLE = ("/tmp", "/dev/shm")  # noqa: S108
 
 
-@dataclass(frozen=True)
-class CaptureIdentity:
-    """Who and what the captured sandbox runs for (the ledger's common columns)."""
-
-    team: str
-    batch: str
-    task: str
-    attempt: int
-    node: str
-    task_type: str = ""
-
-
-@dataclass(frozen=True)
-class CaptureReport:
-    """What a capture saw, and the compute charges made from its totals."""
-
-    mode: CaptureMode
-    commands: int
-    file_changes: int
-    samples: int
-    totals: ResourceTotals
-    charges: tuple[Charge, ...]  # empty when no sample was taken (the container never ran)
-    lost_commands: int  # connector overruns while it ran (node-wide: each may hide commands)
-    lost_file_changes: int  # inotify queue overflows
-
-
-def ledger_sink(writer: Any) -> Sink:
-    """A sink that appends each batch to a `LedgerWriter`, one call per table."""
-
-    def sink(batch: list[Record]) -> None:
-        by_table: dict[str, list[Record]] = {}
-        for rec in batch:
-            by_table.setdefault(rec.TABLE, []).append(rec)
-        for table, rows in by_table.items():
-            writer.append(table, rows)
-
-    return sink
-
-
-_STOP = object()
-
-
 class ActivityCapture:
-    """Captures one sandbox's activity on background threads (see the module doc)."""
-
-    _gathering = False  # the loop's last wait brought records (see _collect)
+    """Captures one sandbox's activity on the shared capture loop (see the module doc)."""
 
     def __init__(
         self,
@@ -131,8 +103,9 @@ class ActivityCapture:
         other_writable: Sequence[str] = SANDBOX_WRITABLE,
         quiet_s: float = 0.25,
         poll_interval: float = 0.1,
-        gather_s: float = 0.1,
+        gather_s: float = _TICK_S,
         hub: NetlinkProcHub | None = None,
+        loop: CaptureLoop | None = None,
     ) -> None:
         self.container_id = container_id
         self.workspace_dir = str(workspace_dir)
@@ -147,24 +120,37 @@ class ActivityCapture:
         self.poll_interval = poll_interval
         self.gather_s = gather_s
         self._hub = hub
-        self.cgroup = CgroupReader(container_id)
+        self._loop = loop if loop is not None else CaptureLoop.shared(gather_s)
+        self.cgroup = CgroupReader(container_id, keep_open=True)
         self.mode: CaptureMode | None = None
         self.report: CaptureReport | None = None
         self.unsent: list[Record] = []  # batches the sink refused (see stop())
-        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._stopping = threading.Event()
+        # Records from the reader's, poller's and watchers' threads; drained on the loop.
+        self._inbox: deque[object] = deque()
+        self._flush_at: int | None = None  # the tick that looks at the inbox again
+        # Samples wait for the container to run: the engine writes the cgroup's limits
+        # after making it, so the first sample comes a tick after the first record.
+        self._next_sample_ns = _NEVER
+        self._interval_ns = max(1, int(interval * 1e9))
+        self._looping = False
+        self._watch_error: BaseException | None = None
+        self._watch_due: int | None = 0  # when the watcher wants servicing; None: on input
         self._integrator = UsageIntegrator()
         self._offset_ns = 0
         self._watcher: FileWatcher | None = None
         self._poller: PollingProcSource | None = None
         self._subscribed = False
-        self._thread: threading.Thread | None = None
         self._errors: list[BaseException] = []
         self._counts = {"commands": 0, "files": 0}
         self._other_watched = False
         self._reads: SensitiveWatch | None = None  # credential reads (canaries, real files)
         self._lost_before = 0
-        self.native_ids: dict[str, int] = {}
+
+    @property
+    def native_ids(self) -> dict[str, int]:
+        """The tids of the threads this capture runs on (shared with other captures)."""
+        tid = self._loop.native_id
+        return {"loop": tid} if tid is not None else {}
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -188,19 +174,21 @@ class ActivityCapture:
         started = self.cgroup.sample() is not None
         self._integrator = UsageIntegrator(cpu_baseline_ns=None if started else 0)
         try:
-            self._watcher = FileWatcher(
-                [WatchRoot(self.workspace_dir, self.workspace_prefix)], self._q.put, self.quiet_s
+            self._watcher = FileWatcher(  # serviced by the loop (its callback runs there)
+                [WatchRoot(self.workspace_dir, self.workspace_prefix)],
+                self._inbox.append,
+                self.quiet_s,
             )
-            self._reads = SensitiveWatch.beside(self.workspace_dir, self._q.put)
+            self._reads = SensitiveWatch.beside(self.workspace_dir, self._put)
             self._start_commands()
-            self._watcher.start()
             self._reads.start()
-            self._thread = threading.Thread(
-                target=self._run, name="sandfleet-activity", daemon=True
-            )
-            self._thread.start()
+            if started:  # running already: the first sample at once
+                self._next_sample_ns = time.monotonic_ns()
+            self._loop.add(self)
+            self._looping = True
         except BaseException:
             self._stop_sources()
+            self._finish_watcher()
             raise
 
     def _start_commands(self) -> None:
@@ -209,14 +197,14 @@ class ActivityCapture:
             hub = self._hub or NetlinkProcHub.shared()
             try:
                 self._lost_before = hub.lost
-                hub.subscribe(self.container_id, pids, self._q.put)
+                hub.subscribe(self.container_id, pids, self._take, batch=True)
                 self._hub, self._subscribed, self.mode = hub, True, CaptureMode.NETLINK
                 return
             except SandboxError as e:
                 if self.proc_mode == "netlink":
                     raise
                 log.warning("%s", e)
-        self._poller = PollingProcSource(self.cgroup, self._q.put, self.poll_interval)
+        self._poller = PollingProcSource(self.cgroup, self._put, self.poll_interval)
         self._poller.start()
         self.mode = CaptureMode.POLL
 
@@ -231,11 +219,17 @@ class ActivityCapture:
         if self.mode is None:
             raise SandboxError("activity capture was never started (call start() first)")
         self._stop_sources()
-        if self._thread is not None:
-            self._stopping.set()
-            self._q.put(_STOP)
-            self._thread.join()
-            self._thread = None
+        self._finish_watcher()
+        batch: list[Record] = []
+        try:
+            self._collect(batch, time.monotonic_ns(), final=True)
+        except Exception as e:  # raised below; what was made is kept
+            log.exception("activity capture's last flush failed")
+            self._errors.append(e)
+            self.unsent.extend(batch)
+            batch = []
+        self._deliver(batch)
+        self.cgroup.close()
         totals = self._integrator.totals()
         charges = self._charges(totals)
         if charges:
@@ -260,6 +254,7 @@ class ActivityCapture:
         return self.report
 
     def _stop_sources(self) -> None:
+        """Stop what feeds the inbox from other threads, then the loop's turns."""
         if self._subscribed and self._hub is not None:
             try:
                 self._hub.check(self.container_id)
@@ -271,81 +266,115 @@ class ActivityCapture:
             self._poller.stop()
             if self._poller.error is not None:
                 self._errors.append(self._poller.error)
-        if self._watcher is not None:
-            try:
-                self._watcher.stop()
-            except SandboxError as e:
-                self._errors.append(e)
         if self._reads is not None:
             try:
                 self._reads.stop()
             except SandboxError as e:
                 self._errors.append(e)
+        if self._looping:
+            self._loop.remove(self)  # from here on this thread is the only one
+            self._looping = False
 
-    # -- the loop: records in, events out ----------------------------------------------
+    def _finish_watcher(self) -> None:
+        """The watcher's last read and everything it holds, into the inbox."""
+        if self._watcher is None:
+            return
+        error = self._watch_error
+        try:
+            if error is None:
+                self._watcher.finish()
+            else:
+                self._watcher.close()
+        except Exception as e:  # raised by stop()
+            log.exception("file watching failed at stop")
+            error = e
+        if error is not None:
+            self._errors.append(SandboxError(f"file watching failed: {error}"))
 
-    def _run(self) -> None:
-        self.native_ids["activity"] = threading.get_native_id()
-        next_sample = time.monotonic()
-        stopping = False
-        while not stopping:
+    # -- on the loop: records in, events out ------------------------------------------
+
+    def _take(self, records: list[ProcRecord]) -> None:
+        """The hub's batch callback (its dispatch thread): one call per read."""
+        self._inbox.extend(records)
+        self._loop.poke()
+
+    def _put(self, item: object) -> None:
+        self._inbox.append(item)
+        self._loop.poke()
+
+    def wait_fds(self) -> tuple[int, ...]:
+        w = self._watcher
+        if w is None or self._watch_error is not None or self._watch_due is not None:
+            return ()  # (with something pending, it is read when that falls due)
+        return (w.fileno(),)
+
+    def tick(self, now_ns: int, ready: Collection[int] = ()) -> int | None:
+        """Run by the loop: service the watcher when it is due or has input, deliver what
+        the inbox holds, sample when due; returns the next deadline."""
+        w, watch_due = self._watcher, self._watch_due
+        serve = (
+            (now_ns >= watch_due)
+            if watch_due is not None
+            else (w is not None and w.fileno() in ready)
+        )
+        if serve and w is not None and self._watch_error is None:
+            try:
+                self._watch_due = w.service(now_ns)
+            except Exception as e:  # stop() raises it; the other parts go on
+                log.exception("file watching stopped")
+                self._watch_error, self._watch_due = e, None
+        # Records go out at any turn of the loop (awake anyway, whatever woke it); after
+        # a batch, the next tick looks again (more are likely), so while records flow
+        # they go out on the grid, and a poke is needed only after a quiet tick.
+        due = self._flush_at is not None and now_ns >= self._flush_at
+        if self._inbox or due or now_ns >= self._next_sample_ns:
             batch: list[Record] = []
             try:
-                stopping, next_sample = self._collect(batch, next_sample)
+                self._collect(batch, now_ns)
             except Exception as e:  # kept and raised by stop(); what was made is kept
                 log.exception("activity capture loop failed")
                 self._errors.append(e)
                 self.unsent.extend(batch)
-                continue
-            if batch:
-                self._deliver(batch)
+                batch = []
+                self._flush_at = None
+            self._deliver(batch)
+        deadline = self._next_sample_ns
+        for d in (self._flush_at, self._watch_due if self._watch_error is None else None):
+            if d is not None and d < deadline:
+                deadline = d
+        return deadline if deadline != _NEVER else None
 
-    def _collect(self, batch: list[Record], next_sample: float) -> tuple[bool, float]:
-        """Wait for records or the next sample; fill `batch`. Returns (stopping, next)."""
-        if self._gathering:  # records came last time, more are likely: one wake-up a batch
-            self._stopping.wait(max(0.0, min(self.gather_s, next_sample - time.monotonic())))
-            try:
-                item = self._q.get_nowait()
-            except queue.Empty:
-                item = None
+    def _collect(self, batch: list[Record], now_ns: int, final: bool = False) -> None:
+        """Everything in the inbox as events into `batch`, and a sample when due."""
+        inbox = self._inbox
+        items = [inbox.popleft() for _ in range(len(inbox))]
+        sample_now = final or now_ns >= self._next_sample_ns
+        if items:
+            if self._events(items, batch):
+                sample_now = True  # the container emptied: its last reading
+            if self._next_sample_ns == _NEVER:  # its first records: it runs
+                self._next_sample_ns = self._loop.grid(now_ns + self._loop.tick_ns)
+            # more are likely: look again at the next tick without waiting for a poke
+            self._flush_at = self._loop.grid(now_ns + 1)
         else:
-            try:
-                item = self._q.get(timeout=max(0.0, next_sample - time.monotonic()))
-            except queue.Empty:
-                item = None
-            if item is not None:
-                self._stopping.wait(self.gather_s)  # let a batch gather: fewer wake-ups
-        self._gathering = item is not None
-        stopping = sample_now = False
-        while item is not None:
-            if item is _STOP:
-                stopping = sample_now = True
-            elif isinstance(item, ContainerEmpty):  # last reading before the cgroup goes
-                sample_now = True
-            else:
-                sample_now |= self._integrator.samples == 0
-                batch.append(self._event(item))
-            if len(batch) >= _BATCH:
-                break
-            try:
-                item = self._q.get_nowait()
-            except queue.Empty:
-                item = None
-        if sample_now or time.monotonic() >= next_sample:
+            self._flush_at = None
+        if sample_now:
             sample = self.cgroup.sample()
             if sample is not None:
                 self._integrator.add(sample)
                 batch.append(self._sample_event(sample))
-            next_sample = time.monotonic() + self.interval
-        return stopping, next_sample
+            iv = self._interval_ns  # on whole intervals: captures sample on one wake-up
+            self._next_sample_ns = (now_ns // iv + 1) * iv
 
     def _deliver(self, batch: list[Record]) -> None:
-        try:
-            self.sink(batch)
-        except Exception as e:  # kept and raised by stop(); the batch is kept in .unsent
-            log.exception("the activity sink refused %d records", len(batch))
-            self._errors.append(e)
-            self.unsent.extend(batch)
+        for i in range(0, len(batch), _BATCH):
+            part = batch[i : i + _BATCH]
+            try:
+                self.sink(part)
+            except Exception as e:  # kept and raised by stop(); the batch is kept in .unsent
+                log.exception("the activity sink refused %d records", len(part))
+                self._errors.append(e)
+                self.unsent.extend(part)
 
     def _time(self, mono_ns: int) -> datetime:
         return datetime.fromtimestamp((mono_ns + self._offset_ns) / 1e9, tz=UTC)
@@ -357,27 +386,18 @@ class ActivityCapture:
             attempt=i.attempt, node=i.node, kind=kind, payload=payload,
         )  # fmt: skip
 
-    def _event(self, item: object) -> Event:
-        if isinstance(item, CommandStarted):
-            self._counts["commands"] += 1
-            if not self._other_watched:
-                self._other_watched = self._watch_other_writable(item.pid)
-            payload = {"argv": list(item.argv), "pid": item.pid, "ppid": item.ppid,
-                       "mode": item.mode.value}  # fmt: skip
-            return self._make(item.mono_ns, EventKind.COMMAND_STARTED, payload)
-        if isinstance(item, CommandFinished):
-            payload = {"argv": list(item.argv), "pid": item.pid, "ppid": item.ppid,
-                       "duration_ms": item.duration_ms, "mode": item.mode.value}  # fmt: skip
-            if item.exit is not None:
-                payload["exit"] = item.exit
-            return self._make(item.mono_ns, EventKind.COMMAND_FINISHED, payload)
-        if isinstance(item, FileChange):
-            self._counts["files"] += 1
-            payload = {"path": item.path, "op": item.op, "bytes": item.bytes}
-            if item.src is not None:
-                payload["from"] = item.src
-            return self._make(item.mono_ns, EventKind.FILE_CHANGED, payload)
-        raise TypeError(f"unexpected capture record {item!r}")
+    def _events(self, items: list[object], batch: list[Record]) -> bool:
+        """`items` as events appended to `batch` (`capture_events`). True when a sample
+        is due because of them (the container emptied)."""
+        done = capture_events(items, self.identity, self._offset_ns, batch)
+        if not self._other_watched:
+            for pid in done.started_pids:
+                self._other_watched = self._watch_other_writable(pid)
+                if self._other_watched:
+                    break
+        self._counts["commands"] += done.commands
+        self._counts["files"] += done.files
+        return done.sample_now
 
     def _sample_event(self, s: CgroupSample) -> Event:
         return self._make(s.mono_ns, EventKind.RESOURCE_SAMPLE, s.payload())
@@ -398,6 +418,7 @@ class ActivityCapture:
             known = self._reads.known_under(path) if self._reads is not None else frozenset()
             root = WatchRoot(f"/proc/{pid}/root{path}", path, fresh=True, known=known)  # tmpfs
             self._watcher.add_root_later(root)
+            self._watch_due = 0  # the loop's next turn adds it
         if self._reads is not None:
             self._reads.watch_root(pid)
         return True

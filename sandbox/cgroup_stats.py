@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final
@@ -188,58 +188,71 @@ class CgroupSample:
 
 
 def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
-
-
-def _read_opt(path: str, default: str = "") -> str:
+    # os-level open / read / close: a sample reads about ten small files every second
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return _read(path)
+        data = os.read(fd, 65536)
+        if len(data) == 65536:
+            chunks = [data]
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    return data.decode("utf-8", "replace")
+
+
+Reader = Callable[[str], str]
+
+
+def _read_opt(read: Reader, path: str, default: str = "") -> str:
+    try:
+        return read(path)
     except FileNotFoundError:
         return default
 
 
-def _sample_v1(p: CgroupPaths, now: int) -> CgroupSample:
+def _sample_v1(p: CgroupPaths, now: int, read: Reader) -> CgroupSample:
     cpu_dir = "cpu" if "cpu" in p.dirs else "cpuacct"
-    quota = int(_read_opt(p.file(cpu_dir, "cpu.cfs_quota_us"), "-1"))
-    period = int(_read_opt(p.file(cpu_dir, "cpu.cfs_period_us"), "0"))
-    usage = int(_read(p.file("memory", "memory.usage_in_bytes")))
-    stat = parse_flat_keyed(_read(p.file("memory", "memory.stat")))
+    quota = int(_read_opt(read, p.file(cpu_dir, "cpu.cfs_quota_us"), "-1"))
+    period = int(_read_opt(read, p.file(cpu_dir, "cpu.cfs_period_us"), "0"))
+    usage = int(read(p.file("memory", "memory.usage_in_bytes")))
+    stat = parse_flat_keyed(read(p.file("memory", "memory.stat")))
     inactive = stat.get("total_inactive_file", stat.get("inactive_file", 0))
     has_pids = "pids" in p.dirs
     io = (0, 0)
     if "blkio" in p.dirs:
-        io = parse_blkio_v1(_read_opt(p.file("blkio", "blkio.throttle.io_service_bytes")))
+        io = parse_blkio_v1(_read_opt(read, p.file("blkio", "blkio.throttle.io_service_bytes")))
     return CgroupSample(
         mono_ns=now,
-        cpu_usage_ns=int(_read(p.file("cpuacct", "cpuacct.usage"))),
+        cpu_usage_ns=int(read(p.file("cpuacct", "cpuacct.usage"))),
         cpu_limit_millicores=cpu_quota_millicores(quota, period),
         memory_bytes=max(0, usage - inactive),
         memory_usage_bytes=usage,
-        memory_peak_bytes=int(_read(p.file("memory", "memory.max_usage_in_bytes"))),
-        memory_limit_bytes=parse_limit(_read(p.file("memory", "memory.limit_in_bytes"))),
-        pids=int(_read(p.file("pids", "pids.current"))) if has_pids else 0,
-        pids_limit=parse_limit(_read(p.file("pids", "pids.max"))) if has_pids else 0,
+        memory_peak_bytes=int(read(p.file("memory", "memory.max_usage_in_bytes"))),
+        memory_limit_bytes=parse_limit(read(p.file("memory", "memory.limit_in_bytes"))),
+        pids=int(read(p.file("pids", "pids.current"))) if has_pids else 0,
+        pids_limit=parse_limit(read(p.file("pids", "pids.max"))) if has_pids else 0,
         io_read_bytes=io[0],
         io_write_bytes=io[1],
     )
 
 
-def _sample_v2(p: CgroupPaths, now: int) -> CgroupSample:
-    cpu = parse_flat_keyed(_read(p.file("cpu", "cpu.stat")))
-    usage = int(_read(p.file("memory", "memory.current")))
-    stat = parse_flat_keyed(_read(p.file("memory", "memory.stat")))
-    io = parse_io_stat(_read_opt(p.file("blkio", "io.stat")))
+def _sample_v2(p: CgroupPaths, now: int, read: Reader) -> CgroupSample:
+    cpu = parse_flat_keyed(read(p.file("cpu", "cpu.stat")))
+    usage = int(read(p.file("memory", "memory.current")))
+    stat = parse_flat_keyed(read(p.file("memory", "memory.stat")))
+    io = parse_io_stat(_read_opt(read, p.file("blkio", "io.stat")))
     return CgroupSample(
         mono_ns=now,
         cpu_usage_ns=cpu.get("usage_usec", 0) * 1000,
-        cpu_limit_millicores=parse_cpu_max(_read_opt(p.file("cpu", "cpu.max"), "max")),
+        cpu_limit_millicores=parse_cpu_max(_read_opt(read, p.file("cpu", "cpu.max"), "max")),
         memory_bytes=max(0, usage - stat.get("inactive_file", 0)),
         memory_usage_bytes=usage,
-        memory_peak_bytes=int(_read_opt(p.file("memory", "memory.peak"), "0") or 0),
-        memory_limit_bytes=parse_limit(_read_opt(p.file("memory", "memory.max"), "max")),
-        pids=int(_read_opt(p.file("pids", "pids.current"), "0")),
-        pids_limit=parse_limit(_read_opt(p.file("pids", "pids.max"), "max")),
+        memory_peak_bytes=int(_read_opt(read, p.file("memory", "memory.peak"), "0") or 0),
+        memory_limit_bytes=parse_limit(_read_opt(read, p.file("memory", "memory.max"), "max")),
+        pids=int(_read_opt(read, p.file("pids", "pids.current"), "0")),
+        pids_limit=parse_limit(_read_opt(read, p.file("pids", "pids.max"), "max")),
         io_read_bytes=io[0],
         io_write_bytes=io[1],
     )
@@ -248,10 +261,35 @@ def _sample_v2(p: CgroupPaths, now: int) -> CgroupSample:
 class CgroupReader:
     """Samples one container's cgroup; finds it once the container has started."""
 
-    def __init__(self, container_id: str, root: str = CGROUP_ROOT) -> None:
+    def __init__(
+        self, container_id: str, root: str = CGROUP_ROOT, *, keep_open: bool = False
+    ) -> None:
         self.container_id = container_id
         self.root = root
         self.paths: CgroupPaths | None = None
+        # keep_open: the files stay open between samples and are read again from offset 0
+        # (a cgroup file is made anew by each read from the start): no path lookups each
+        # second. Call close() when done.
+        self._fds: dict[str, int] | None = {} if keep_open else None
+
+    def _read(self, path: str) -> str:
+        fds = self._fds
+        if fds is None:
+            return _read(path)
+        fd = fds.get(path)
+        if fd is None:
+            fd = fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        data = os.pread(fd, 65536, 0)
+        if len(data) == 65536:  # (no cgroup file of these is this long)
+            return _read(path)
+        return data.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        """Close the files kept open (they are opened again if it samples later)."""
+        if self._fds:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def sample(self) -> CgroupSample | None:
         """A reading now, or None while the cgroup does not exist (not started, or gone)."""
@@ -262,12 +300,14 @@ class CgroupReader:
         now = time.monotonic_ns()
         try:
             if self.paths.version == 1:
-                return _sample_v1(self.paths, now)
-            return _sample_v2(self.paths, now)
+                return _sample_v1(self.paths, now, self._read)
+            return _sample_v2(self.paths, now, self._read)
         except (FileNotFoundError, ProcessLookupError):
+            self.close()
             return None  # removed with the container; a v1 rmdir can race the reads
         except OSError as e:
             if e.errno == errno.ENODEV:  # the cgroup was removed while a file was open
+                self.close()
                 return None
             raise
 

@@ -268,9 +268,51 @@ class FileWatcher:
             raise SandboxError(f"file watching failed: {self.error}") from self.error
 
     def add_root_later(self, root: WatchRoot) -> None:
-        """Ask the watching thread to add `root` (thread-safe; skipped if it is gone)."""
+        """Ask the watching thread (or the next `service`) to add `root` (thread-safe;
+        skipped if it is gone)."""
         self._new_roots.put(root)
-        os.write(self._wake_w, b"r")
+        if self._thread is not None:
+            os.write(self._wake_w, b"r")
+
+    # -- run by a shared loop (`sandbox.capture_loop`) instead of a thread of its own --
+
+    def service(self, now_ns: int) -> int | None:
+        """Handle what the kernel queued and what fell due by `now_ns`; returns the next
+        deadline (None: nothing pending, wait on `wait_fds`). For a caller's loop; do not
+        `start()` the watcher then."""
+        self._add_new_roots()
+        self.read_once()  # one non-blocking read; a storm of modifies is one event each
+        self._expire_moves(now_ns)
+        for change in self.debouncer.due(now_ns):
+            self._report(change)
+        return self.deadline()
+
+    def deadline(self) -> int | None:
+        """When something pending falls due (monotonic ns), or None."""
+        deadlines = [d for d in (self.debouncer.next_due_ns(), self._next_move_ns()) if d]
+        return min(deadlines) if deadlines else None
+
+    def fileno(self) -> int:
+        """The inotify descriptor (readable when changes are queued)."""
+        return self._fd
+
+    def wait_fds(self) -> tuple[int, ...]:
+        """The descriptor to wait on while nothing is pending (while something is, the
+        caller comes back by `deadline()` and reads then: fewer wake-ups)."""
+        return (self._fd,) if self._fd >= 0 and self.deadline() is None else ()
+
+    def finish(self) -> None:
+        """`stop()` for a watcher run by `service`: report everything pending, close."""
+        if self._fd < 0:
+            return  # closed already
+        try:
+            self._add_new_roots()
+            self.read_once()
+            self._expire_moves(None)
+            for change in self.debouncer.drain():
+                self._report(change)
+        finally:
+            self.close()
 
     def _add_new_roots(self) -> None:
         while True:
@@ -294,6 +336,7 @@ class FileWatcher:
         self.native_id = threading.get_native_id()
         gather = 0.0
         try:
+            self._add_new_roots()
             while True:
                 now = time.monotonic_ns()
                 deadlines = [d for d in (self.debouncer.next_due_ns(), self._next_move_ns()) if d]

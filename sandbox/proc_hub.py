@@ -13,7 +13,9 @@ says which ran (`SANDFLEET_PROC_READER=ebpf|native|python` forces one). All spea
 protocol (`sandbox/native/procmon.c` describes it).
 `subscribe(container_id, pids, callback)` returns once the reader watches the
 container; callbacks receive `CommandStarted` / `CommandFinished` / `ContainerEmpty`
-records (`sandbox.proc_table`) on the hub's dispatch thread — keep them short. When
+records (`sandbox.proc_table`) on the hub's dispatch thread — keep them short. With
+`batch=True` the callback receives a list instead: the container's records from one
+read of the reader's output (in order), one call per read, not per record. When
 the kernel refuses the connector, `subscribe` raises `SandboxError` and the caller
 falls back to `sandbox.proc_poll`.
 """
@@ -28,7 +30,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 from accounting.errors import SandboxError
 from sandbox.proc_table import REC_ACK, REC_LOST, Record, unpack_records
@@ -38,6 +40,7 @@ __all__ = ["NetlinkProcHub"]
 log = logging.getLogger(__name__)
 
 Callback = Callable[[Record], None]
+BatchCallback = Callable[[list[Record]], None]
 ReaderKind = Literal["auto", "ebpf", "native", "python"]
 _KINDS: Final = ("auto", "ebpf", "native", "python")
 _START_TIMEOUT_S: Final = 30.0
@@ -54,7 +57,7 @@ class NetlinkProcHub:
         self.argv = argv  # None: the reader `reader` asks for
         self.want: ReaderKind = reader or _reader_from_env()
         self._lock = threading.Lock()
-        self._callbacks: dict[str, Callback] = {}
+        self._callbacks: dict[str, BatchCallback] = {}
         self._acks: dict[str, threading.Event] = {}
         self._failed: dict[str, BaseException] = {}
         self._proc: subprocess.Popen[bytes] | None = None
@@ -76,19 +79,28 @@ class NetlinkProcHub:
                 cls._shared = cls()
             return cls._shared
 
-    def subscribe(self, container_id: str, pids: list[int], callback: Callback) -> None:
-        """Deliver the records of `container_id` (whose live processes are `pids`).
+    def subscribe(
+        self,
+        container_id: str,
+        pids: list[int],
+        callback: Callback | BatchCallback,
+        *,
+        batch: bool = False,
+    ) -> None:
+        """Deliver the records of `container_id` (whose live processes are `pids`), one
+        by one, or with `batch` a list per read of the reader's output.
 
         Returns once the reader watches the container. Raises `SandboxError` when the
         connector is refused (then use `sandbox.proc_poll`).
         """
+        deliver = cast(BatchCallback, callback) if batch else _each(cast(Callback, callback))
         with self._lock:
             if self._proc is not None and self._proc.poll() is not None:
                 self._reap(self._proc, self._thread)  # it died; its failure is recorded
                 self._proc = self._thread = None
             if self._proc is None:
                 self._spawn()
-            self._callbacks[container_id] = callback
+            self._callbacks[container_id] = deliver
             acked = self._acks[container_id] = threading.Event()
             self._send(f"watch {container_id} {','.join(map(str, pids))}")
         if not acked.wait(_START_TIMEOUT_S):
@@ -279,19 +291,26 @@ class NetlinkProcHub:
         return True
 
     def _records(self, stream: Any) -> None:
-        """Binary records until the reader ends, each to its container's callback."""
+        """Binary records until the reader ends: each read's records to their containers'
+        callbacks, one call per container and read (before any ack that follows them)."""
         pending = b""
         while chunk := stream.read1(1 << 16):
             data = pending + chunk if pending else chunk
             records, used = unpack_records(data)
             pending = data[used:]
-            callbacks = self._callbacks  # read without the lock: a dict get is atomic
+            batches: dict[str, list[Record]] = {}
             for kind, cid, rec in records:
                 if rec is not None:
-                    cb = callbacks.get(cid)
-                    if cb is not None:
-                        cb(rec)
-                elif kind == REC_ACK:
+                    got = batches.get(cid)
+                    if got is None:
+                        batches[cid] = [rec]
+                    else:
+                        got.append(rec)
+                    continue
+                if batches:  # what came before an ack is delivered before it
+                    self._deliver(batches)
+                    batches = {}
+                if kind == REC_ACK:
                     with self._lock:
                         acked = self._acks.get(cid)
                     if acked is not None:
@@ -299,6 +318,23 @@ class NetlinkProcHub:
                 elif kind == REC_LOST:
                     self.lost += 1
                     log.warning("process-events connector overran; some commands were lost")
+            if batches:
+                self._deliver(batches)
+
+    def _deliver(self, batches: dict[str, list[Record]]) -> None:
+        callbacks = self._callbacks  # read without the lock: a dict get is atomic
+        for cid, recs in batches.items():
+            cb = callbacks.get(cid)
+            if cb is not None:
+                cb(recs)
+
+
+def _each(callback: Callback) -> BatchCallback:
+    def deliver(records: list[Record]) -> None:
+        for rec in records:
+            callback(rec)
+
+    return deliver
 
 
 def _reader_from_env() -> ReaderKind:

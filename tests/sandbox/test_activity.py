@@ -288,3 +288,41 @@ def test_capture_falls_back_to_polling_when_the_connector_is_refused(tmp_path: P
     assert report.mode == "poll"
     with pytest.raises(SandboxError, match="Operation not permitted"):
         ActivityCapture("f" * 64, tmp_path, IDENTITY, Tee(), hub=hub, proc_mode="netlink").start()
+
+
+def test_records_handed_over_just_before_stop_reach_the_sink_in_order(tmp_path: Path) -> None:
+    import sys
+
+    from sandbox.proc_hub import NetlinkProcHub
+
+    # a reader that answers the watch with a command's start and end, then the ack
+    reader = """
+import sys
+from sandbox.proc_table import (REC_ACK, CaptureMode, CommandFinished, CommandStarted,
+                                pack_control, pack_record)
+out = sys.stdout.buffer
+out.write(b'{"t":"ready","realtime":false,"reader":"fake"}\\n')
+out.flush()
+for line in sys.stdin:
+    verb, cid = line.split()[:2]
+    data = b""
+    if verb == "watch":
+        argv, mode = ("/bin/true", "x"), CaptureMode.NETLINK
+        data = (pack_record(cid, CommandStarted(5, 1, argv, 10**9, mode))
+                + pack_record(cid, CommandFinished(5, 1, argv, 10**9, 3 * 10**9, 0, mode)))
+    out.write(data + pack_control(REC_ACK, cid))
+    out.flush()
+"""
+    hub = NetlinkProcHub([sys.executable, "-c", reader])
+    tee = Tee()
+    capture = ActivityCapture("e" * 64, tmp_path, IDENTITY, tee, hub=hub)
+    capture.start()
+    report = capture.stop()  # at once: what the reader sent is in the last flush
+    events = [e for e in tee.records if isinstance(e, Event)]
+    assert [(e.kind, e.payload["argv"], e.payload["pid"]) for e in events] == [
+        ("command_started", ["/bin/true", "x"], 5),
+        ("command_finished", ["/bin/true", "x"], 5),
+    ]
+    assert events[1].payload["exit"] == 0 and events[1].payload["duration_ms"] == 2000
+    assert events[0].time < events[1].time
+    assert report.commands == 1 and report.mode == "netlink"

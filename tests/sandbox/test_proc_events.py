@@ -20,6 +20,7 @@ from sandbox.proc_table import (
     ContainerEmpty,
     ProcessTable,
     ProcEvent,
+    Record,
     SysProcReader,
     container_id_of,
     decode_exit,
@@ -132,7 +133,7 @@ def test_container_id_is_found_in_cgroupfs_and_systemd_paths_but_not_on_the_host
 
 
 def test_records_survive_the_pipe_between_reader_and_parent() -> None:
-    records = [
+    records: list[Record] = [
         CommandStarted(6, 5, ("ls", "-l"), 100, CaptureMode.NETLINK),
         CommandFinished(6, 5, ("ls", "-l"), 100, 2_000_100, 0, CaptureMode.NETLINK),
         CommandFinished(6, 5, ("sh",), 100, 200, None, CaptureMode.NETLINK),
@@ -302,3 +303,45 @@ def test_polling_skips_subshells_and_the_engines_own_process() -> None:
     assert poll.step([3, 7, 9], 200) == []  # 9 is a fork of 7 that executed nothing yet
     proc.cmdlines[9] = ("grep", "y")
     assert poll.step([7, 9], 300) == [CommandStarted(9, 7, ("grep", "y"), 300, CaptureMode.POLL)]
+
+
+# A reader that answers each watch with two records of the container, then the ack.
+FAKE_READER = """
+import sys
+from sandbox.proc_table import (REC_ACK, CaptureMode, CommandFinished, CommandStarted,
+                                pack_control, pack_record)
+out = sys.stdout.buffer
+out.write(b'{"t":"ready","realtime":false,"reader":"fake"}\\n')
+out.flush()
+for line in sys.stdin:
+    verb, cid = line.split()[:2]
+    data = b""
+    if verb == "watch":
+        data = (pack_record(cid, CommandStarted(5, 1, ("a",), 10, CaptureMode.NETLINK))
+                + pack_record(cid, CommandFinished(5, 1, ("a",), 10, 20, 0, CaptureMode.NETLINK)))
+    out.write(data + pack_control(REC_ACK, cid))
+    out.flush()
+"""
+
+
+def test_a_batch_subscriber_gets_a_reads_records_in_one_call_before_the_ack() -> None:
+    import sys
+
+    from sandbox.proc_hub import NetlinkProcHub
+
+    hub = NetlinkProcHub([sys.executable, "-c", FAKE_READER])
+    batches: list[list[Record]] = []
+    singles: list[Record] = []
+    hub.subscribe(CID, [], batches.append, batch=True)
+    try:
+        hub.subscribe(OTHER, [], singles.append)
+        try:
+            # (subscribe returned on the ack: what came before it was delivered)
+            started = CommandStarted(5, 1, ("a",), 10, CaptureMode.NETLINK)
+            finished = CommandFinished(5, 1, ("a",), 10, 20, 0, CaptureMode.NETLINK)
+            assert batches == [[started, finished]]
+            assert singles == batches[0]
+        finally:
+            hub.unsubscribe(OTHER)
+    finally:
+        hub.unsubscribe(CID)
