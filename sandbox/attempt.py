@@ -11,7 +11,8 @@ read-only mounts and environment (the gateway's socket directory, the forwarder,
 agent's endpoint variables), a wrapper for the command (the forwarder starts first),
 `on_created(container_id, workspace)` between create and start (activity capture sees
 the first command) and `on_finished(container_id)` after the wait and before removal,
-on every path (capture always stops before the container goes). What `on_finished`
+on every path (capture always stops before the container goes; once the sandbox has
+exited it runs while the logs end and the diff is made). What `on_finished`
 returns is kept as `AttemptResult.node_report`; its `stop_reason` (an outcome such as
 `budget_exceeded`) overrides the outcome of a sandbox the node stopped on purpose.
 """
@@ -31,7 +32,8 @@ from typing import IO, Any
 
 from accounting.errors import SandboxError, SandfleetError
 from sandbox.backend import SandboxBackend, SandboxSpec, Stream, WaitResult
-from sandbox.container_spec import container_spec, sandbox_labels, sandbox_name
+from sandbox.canaries import plant_canaries
+from sandbox.container_spec import container_spec, sandbox_home, sandbox_labels, sandbox_name
 from sandbox.liveness import current_owner
 from sandbox.templates import Template
 from sandbox.workspace import (
@@ -167,6 +169,27 @@ class _Follower(threading.Thread):
             self.error = e
 
 
+class _Finishing(threading.Thread):
+    """`hooks.on_finished(sandbox_id)`, in a thread once the sandbox exited (the node stops
+    its capture while the logs end and the diff is made), or run inline on error paths."""
+
+    def __init__(self, on_finished: Callable[[str], Mapping[str, Any]], sandbox_id: str) -> None:
+        super().__init__(name=f"sandfleet-finish-{sandbox_id[:12]}", daemon=True)
+        self.on_finished, self.sandbox_id = on_finished, sandbox_id
+        self.report: Mapping[str, Any] | None = None
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.report = dict(self.on_finished(self.sandbox_id))
+        except Exception as e:  # reported by the caller
+            self.error = e
+
+    def join_once(self) -> None:
+        if self.ident is not None:  # started as a thread (not run inline)
+            self.join()
+
+
 def _outcome(waited: WaitResult) -> AttemptOutcome:
     if waited.timed_out:
         return AttemptOutcome.TIMEOUT
@@ -215,6 +238,7 @@ def run_attempt_in_sandbox(
     sinks: list[IO[bytes]] = []
     waited: WaitResult | None = None
     watched = False  # hooks.on_created returned: on_finished is owed
+    finishing: _Finishing | None = None  # on_finished, once the sandbox exited
     report: Mapping[str, Any] | None = None
     diff: DiffSummary | None = None
     error: BaseException | None = None
@@ -228,10 +252,12 @@ def run_attempt_in_sandbox(
         labels = sandbox_labels(batch=batch, task=task, attempt=attempt, team=team,
                                 owner=owner, template=template.name)  # fmt: skip
         run_argv = tuple(hooks.wrap_command(argv)) if hooks.wrap_command else argv
+        run_env = {**(env or {}), **hooks.env}
+        canaries = plant_canaries(ws.path, template.canaries, sandbox_home(template, run_env))
         kwargs = container_spec(
             template, image=image, labels=labels, workspace_host_path=str(ws.path),
             name=sandbox_name(batch, task, attempt, uuid.uuid4().hex[:8]),
-            env={**(env or {}), **hooks.env}, command=run_argv,
+            env=run_env, command=run_argv, canaries=canaries,
         )  # fmt: skip
         extra = {src: {"bind": m["bind"], "mode": "ro"} for src, m in hooks.volumes.items()}
         kwargs["volumes"] = {**extra, **kwargs["volumes"]}  # the workspace is never replaced
@@ -248,6 +274,9 @@ def run_attempt_in_sandbox(
             followers.append(follower)
         remaining = max(timeout - (time.monotonic() - t0), 0.001)
         waited = backend.wait(sandbox_id, timeout=remaining)
+        if watched and hooks.on_finished is not None:  # the capture stops while the diff is made
+            finishing = _Finishing(hooks.on_finished, sandbox_id)
+            finishing.start()
         for follower in followers:
             follower.join(_FOLLOW_JOIN_S)
             if follower.is_alive():
@@ -263,12 +292,15 @@ def run_attempt_in_sandbox(
         raise
     finally:
         cleanup_errors: list[str] = []
-        if watched and sandbox_id is not None and hooks.on_finished is not None:
-            try:  # before the container goes: capture reads its cgroup one last time
-                report = dict(hooks.on_finished(sandbox_id))
-            except Exception as e:  # recorded; whatever it was, the container must still go
-                cleanup_errors.append(f"the node's on_finished hook failed: {e!r}")
-        cleanup_errors += _cleanup(backend, sandbox_id, ws, sinks)
+        if finishing is None and watched and sandbox_id is not None and hooks.on_finished:
+            finishing = _Finishing(hooks.on_finished, sandbox_id)
+            finishing.run()  # here: before the container goes (its cgroup is read one last time)
+        if finishing is not None:
+            finishing.join_once()
+            if finishing.error is not None:  # recorded; the container must still go
+                cleanup_errors.append(f"the node's on_finished hook failed: {finishing.error!r}")
+            report = finishing.report
+        cleanup_errors += _cleanup(backend, sandbox_id, ws, sinks, exited=waited is not None)
         result = _result(
             batch, task, attempt, team, template, image, argv, timeout, started_at, archive,
             followers, waited, diff, ws, error, cleanup_errors, report,
@@ -284,21 +316,39 @@ def _cleanup(
     sandbox_id: str | None,
     ws: Workspace | None,
     sinks: list[IO[bytes]],
+    *,
+    exited: bool = False,
 ) -> list[str]:
-    """Remove the container, then the workspace; close the logs. Returns what failed."""
+    """Remove the container and the workspace; close the logs. Returns what failed.
+
+    A container that may still run goes first (nothing of it may outlive its workspace);
+    one that has `exited` uses it no more, so both go at once."""
     problems: list[str] = []
-    if sandbox_id is not None:
-        try:
-            backend.remove(sandbox_id)
-        except SandfleetError as e:  # must not hide the error that brought us here
-            problems.append(f"could not remove sandbox {sandbox_id[:12]}: {e}")
-    if ws is not None:
-        try:
-            remove_workspace(ws.root)
-        except SandfleetError as e:
-            problems.append(str(e))
-    for sink in sinks:
-        sink.close()
+
+    def remove_container() -> None:
+        if sandbox_id is not None:
+            try:
+                backend.remove(sandbox_id)
+            except SandfleetError as e:  # must not hide the error that brought us here
+                problems.append(f"could not remove sandbox {sandbox_id[:12]}: {e}")
+
+    alongside: threading.Thread | None = None
+    if exited and sandbox_id is not None and ws is not None:
+        alongside = threading.Thread(target=remove_container, name="sandfleet-remove")
+        alongside.start()
+    else:
+        remove_container()
+    try:
+        if ws is not None:
+            try:
+                remove_workspace(ws.root)
+            except SandfleetError as e:
+                problems.append(str(e))
+    finally:
+        if alongside is not None:
+            alongside.join()
+        for sink in sinks:
+            sink.close()
     return problems
 
 

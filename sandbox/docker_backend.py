@@ -14,6 +14,7 @@ from typing import Any
 import docker
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.models.containers import _create_container_args  # what containers.create uses
 
 from accounting.errors import EngineError, ImageError, SandboxError
 from sandbox.backend import (
@@ -107,9 +108,11 @@ class DockerBackend:
                 "(`apt-get install runsc`), register it in /etc/docker/daemon.json and restart "
                 "dockerd, or set `runtime: runc` in the template"
             )
+        # The low-level call: `containers.create` would inspect the new container too.
+        args = _create_container_args({**kwargs, "version": self.client.api._version})
         with _engine_errors(f"create sandbox {spec.name} from {spec.image}"):
-            container = self.client.containers.create(**kwargs)
-        return str(container.id)
+            created = self.client.api.create_container(**args)
+        return str(created["Id"])
 
     def start(self, sandbox_id: str) -> None:
         with _engine_errors("start sandbox", sandbox_id):

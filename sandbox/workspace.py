@@ -12,10 +12,16 @@ The diff is computed on the host against `base.git` with an isolated git configu
 nothing the agent writes into `repo/` (its own `.git/config`, `.gitattributes`, hooks)
 can make the host run a command. New (untracked) files are included; `.gitignore`d ones
 are not. The patch is binary-safe (`git diff --binary`).
+
+A workspace that starts empty (no source, or an empty folder copied) has git's empty
+tree as its base and no `base.git` until a diff needs one: when it is still empty at the
+end, the diff is empty without running git at all.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -31,6 +37,7 @@ from accounting.errors import WorkspaceError
 from sandbox.container_spec import AGENT_UID
 
 __all__ = [
+    "EMPTY_TREE",
     "DiffSummary",
     "Workspace",
     "collect_diff",
@@ -53,6 +60,9 @@ _BASE_AUTHOR = {
 _SAFE_GIT = [
     "-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null", "-c", "core.symlinks=true",
 ]  # fmt: skip
+EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # git's empty tree (SHA-1 repositories)
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_MS_NOSUID, _MS_NODEV = 0x2, 0x4
 
 
 @dataclass(frozen=True)
@@ -61,8 +71,8 @@ class Workspace:
 
     root: Path
     path: Path
-    git_dir: Path
-    base_commit: str
+    git_dir: Path  # made only when needed, for a workspace that started empty
+    base_commit: str  # EMPTY_TREE for a workspace that started empty
     source: str
     ref: str | None
     size_capped: bool
@@ -143,16 +153,25 @@ def _isolated_env(ws_root: Path) -> dict[str, str]:
     return {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": str(config), "HOME": str(ws_root)}
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)  # this process's libc: mount(2), umount2(2)
+
+
 def _mount_tmpfs(path: Path, size_bytes: int) -> None:
-    opts = f"size={size_bytes},mode=0755,uid={AGENT_UID},gid={AGENT_UID},nosuid,nodev"
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", opts, "sandfleet-workspace", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise OSError(done.stderr.strip() or f"mount exited {done.returncode}")
+    """mount(2) a tmpfs of `size_bytes` on `path` (the syscall: no `mount` process)."""
+    opts = f"size={size_bytes},mode=0755,uid={AGENT_UID},gid={AGENT_UID}"
+    flags = _MS_NOSUID | _MS_NODEV
+    if _libc().mount(b"sandfleet-workspace", os.fsencode(path), b"tmpfs", flags, opts.encode()):
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"mount -t tmpfs on {path}: {os.strerror(errno)}")
+
+
+def _umount(path: Path) -> str | None:
+    """umount(2) `path`; the error's text, or None when it worked."""
+    if _libc().umount2(os.fsencode(path), 0):
+        return os.strerror(ctypes.get_errno())
+    return None
 
 
 def _hand_to_agent(path: Path) -> str | None:
@@ -234,7 +253,6 @@ def _fill(
             notes.append(f"no tmpfs for the workspace ({e}); its size is not capped")
     else:
         notes.append("no tmpfs (not root, or turned off): the workspace size is not capped")
-    env = _isolated_env(root)
     if repo is not None and _is_plain_dir(repo):
         if ref is not None:
             raise WorkspaceError(
@@ -244,21 +262,26 @@ def _fill(
         repo, copy_from = None, repo
     if repo is not None:
         source = str(Path(repo).resolve()) if Path(repo).exists() else repo
-        base = _checkout(source, ref, path, git_dir, env)
+        base = _checkout(source, ref, path, git_dir, _isolated_env(root))
     elif copy_from is not None:
         src = Path(copy_from)
         if not src.is_dir():
             raise WorkspaceError(f"--workspace {src}: not a directory; fix: give an existing one")
         source = str(src.resolve())
         shutil.copytree(src, path, symlinks=True, dirs_exist_ok=True)
-        base = _snapshot(path, git_dir, root, env)
+        base = EMPTY_TREE if _is_empty(path) else _snapshot(path, git_dir, root)
     else:
         source = "(empty)"
-        base = _snapshot(path, git_dir, root, env)
+        base = EMPTY_TREE
     note = _hand_to_agent(path)
     if note:
         notes.append(note)
     return Workspace(root, path, git_dir, base, source, ref, capped, tuple(notes))
+
+
+def _is_empty(path: Path) -> bool:
+    with os.scandir(path) as entries:
+        return next(entries, None) is None
 
 
 def _is_plain_dir(repo: str) -> bool:
@@ -291,22 +314,20 @@ def _checkout(source: str, ref: str | None, path: Path, git_dir: Path, env: dict
         ) from e
     fix = "free disk space, or raise the template's workspace_size"
     what = f"cannot check out {source}@{wanted}"
-    _run_git(["clone", "--no-hardlinks", "--no-checkout", "--quiet", str(git_dir), str(path)],
+    _run_git(["clone", "--no-hardlinks", "--no-checkout", "--quiet",
+              "--config", "user.name=sandfleet agent",
+              "--config", "user.email=agent@sandfleet.invalid", str(git_dir), str(path)],
              env=env, what=what, fix=fix)  # fmt: skip
     _run_git(["-C", str(path), "checkout", "--quiet", "--detach", base],
              env=env, what=what, fix=fix)  # fmt: skip
-    for key, value in (
-        ("remote.origin.url", source),
-        ("user.name", "sandfleet agent"),
-        ("user.email", "agent@sandfleet.invalid"),
-    ):
-        _run_git(["-C", str(path), "config", key, value], env=env, what=what, fix=fix)
+    _run_git(["-C", str(path), "config", "remote.origin.url", source], env=env, what=what, fix=fix)
     return base
 
 
-def _snapshot(path: Path, git_dir: Path, root: Path, env: dict[str, str]) -> str:
+def _snapshot(path: Path, git_dir: Path, root: Path) -> str:
     """Record the copied directory as the base commit of a fresh bare repository."""
     what, fix = f"cannot snapshot {path}", "check the directory is readable"
+    env = _isolated_env(root)
     _run_git(["init", "--bare", "--quiet", str(git_dir)], env=env, what=what, fix=fix)
     scratch = {**env, **_BASE_AUTHOR, "GIT_INDEX_FILE": str(root / "base.index"),
                "GIT_DIR": str(git_dir), "GIT_WORK_TREE": str(path)}  # fmt: skip
@@ -318,6 +339,10 @@ def _snapshot(path: Path, git_dir: Path, root: Path, env: dict[str, str]) -> str
 
 def collect_diff(ws: Workspace, patch_path: Path) -> DiffSummary:
     """Write the binary-safe diff base..worktree (tracked and new files) to `patch_path`."""
+    patch_path.parent.mkdir(parents=True, exist_ok=True)
+    if ws.base_commit == EMPTY_TREE and _is_empty(ws.path):  # empty then, empty now
+        patch_path.write_bytes(b"")
+        return DiffSummary(patch_path, 0, _EMPTY_SHA256, 0, 0, 0)
     env = {
         **_isolated_env(ws.root),
         "GIT_DIR": str(ws.git_dir),
@@ -325,10 +350,12 @@ def collect_diff(ws: Workspace, patch_path: Path) -> DiffSummary:
         "GIT_INDEX_FILE": str(ws.root / "diff.index"),
     }
     what, fix = f"cannot diff the workspace {ws.path}", "see git's message above"
+    if not ws.git_dir.exists():  # it started empty: the repository is made now
+        _run_git(["init", "--bare", "--quiet", str(ws.git_dir)], env=_isolated_env(ws.root),
+                 what=what, fix=fix)  # fmt: skip
     _run_git([*_SAFE_GIT, "read-tree", ws.base_commit], env=env, what=what, fix=fix)
     _run_git([*_SAFE_GIT, "add", "-A", "--", "."], env=env, cwd=ws.path, what=what, fix=fix)
     diff = ["diff", "--cached", "--no-ext-diff", "--no-textconv", "--no-color", "--no-renames"]
-    patch_path.parent.mkdir(parents=True, exist_ok=True)
     with patch_path.open("wb") as out:
         _run_git([*_SAFE_GIT, *diff, "--binary", "--full-index", ws.base_commit],
                  env=env, stdout=out.fileno(), what=what, fix=fix)  # fmt: skip
@@ -371,10 +398,10 @@ def remove_workspace(root: Path) -> None:
     """Unmount (if a tmpfs) and delete an attempt's workspace. No-op when already gone."""
     repo = root / "repo"
     if os.path.ismount(repo):
-        done = subprocess.run(["umount", str(repo)], capture_output=True, text=True, check=False)
-        if done.returncode != 0:
+        problem = _umount(repo)
+        if problem is not None:
             raise WorkspaceError(
-                f"cannot unmount the workspace tmpfs {repo}: {done.stderr.strip()}; "
+                f"cannot unmount the workspace tmpfs {repo}: {problem}; "
                 "fix: stop what still uses it (its sandbox?) and run `sandfleet sandbox reap`"
             )
     try:

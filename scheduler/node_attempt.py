@@ -5,7 +5,9 @@ attempt on this node's `NodeGateway` (compute lease, task token, socket) and yie
 `AttemptHooks` that wire its sandbox to it: the socket directory and the forwarder
 mounted read-only, the agent's endpoint environment, the forwarder wrapped around the
 command, activity capture from create to exit. The attempt is closed on the gateway
-afterwards (lease settled, token revoked, socket removed), whatever happened.
+afterwards (lease settled, token revoked, socket removed), whatever happened: sent as
+soon as the capture stopped, so it runs while the runner removes the sandbox, and
+awaited (its errors raised) when the attempt ends.
 
 `gateway_for_this_node(data_dir)` is the node's `NodeGateway` (created on first use);
 `close_node_gateways()` shuts every node's down (the driver, at the end of an embedded
@@ -134,6 +136,15 @@ def node_attempt(
     gw, channel = _open(request, grant, gateway)
     node = ray.get_runtime_context().get_node_id()
     identity = CaptureIdentity(ref.team, ref.batch, ref.task, ref.attempt, node, task_type)
+    closing: list[Any] = []  # the close, sent as soon as the capture stopped
+
+    def finished(container_id: str) -> Any:
+        report = get(gw.stop_capture.remote(container_id))
+        # The sandbox has exited and its capture stopped: the lease settles and the token
+        # goes while the runner removes the container and the workspace.
+        closing.append(gw.close_attempt.remote(ref))
+        return report
+
     failed = True
     try:
         yield AttemptHooks(
@@ -141,12 +152,12 @@ def node_attempt(
             env=channel.env,
             wrap_command=channel.wrap,
             on_created=lambda cid, ws: get(gw.start_capture.remote(cid, str(ws), identity)),
-            on_finished=lambda cid: get(gw.stop_capture.remote(cid)),
+            on_finished=finished,
         )
         failed = False
     finally:
         try:
-            get(gw.close_attempt.remote(ref))
+            get(closing[0] if closing else gw.close_attempt.remote(ref))
         except (SandfleetError, ray.exceptions.RayError) as e:
             if not failed:
                 raise

@@ -260,6 +260,12 @@ class NodeGateway:
                 )
             self._last_busy = time.monotonic()
         self._leases.open(grant.ref, compute_rate_nusd_per_s(self._prices, cpus, memory_bytes))
+        if not grant.models and not grant.egress:
+            # No model and no host to reach: nothing to forward, so no socket, no token
+            # and no forwarder in the container (one Python start less per attempt).
+            with self._lock:
+                self._live[grant.ref] = _Live(grant)
+            return NodeChannel(grant.ref, "", {}, {}, ())
         try:
             channel = self._thread.open_attempt(grant)
         except BaseException:

@@ -157,6 +157,33 @@ def test_hooks_add_mounts_env_and_a_wrapper_and_watch_from_create_to_exit(
     assert_nothing_left(backend, data_dir, batch_id)
 
 
+def test_the_capture_stops_after_exit_before_the_sandbox_and_the_workspace_go(
+    minimal, data_dir, batch_id, given
+):
+    seen = []
+    backend = FakeBackend()
+
+    def finished(cid):
+        ws = data_dir / "workspaces" / batch_id / "t1" / "1" / "repo"
+        seen.append((_status(backend, cid), (ws / "b.txt").read_text()))
+        return {"n": 1}
+
+    hooks = AttemptHooks(on_created=lambda cid, ws: None, on_finished=finished)
+    result = run(backend, minimal, data_dir, "img", batch_id, workspace_dir=given,
+                 command=["sh", "-c", "echo new > b.txt"], hooks=hooks)  # fmt: skip
+    assert seen == [("exited", "new\n")]
+    assert result.node_report == {"n": 1} and result.files_changed == 1
+    assert b"+new" in (Path(result.archive_dir) / "diff.patch").read_bytes()
+    assert_nothing_left(backend, data_dir, batch_id)
+
+
+def test_an_empty_workspace_left_empty_is_an_empty_diff(minimal, data_dir, batch_id):
+    result = run(FakeBackend(), minimal, data_dir, "img", batch_id, command=["true"])
+    assert result.outcome is AttemptOutcome.SUCCEEDED
+    assert (result.files_changed, result.diff_bytes) == (0, 0)
+    assert (Path(result.archive_dir) / "diff.patch").read_bytes() == b""
+
+
 def test_a_sandbox_the_node_stopped_for_budget_is_budget_exceeded(minimal, data_dir, batch_id):
     backend = FakeBackend(run=lambda spec: FakeRun(exit_code=137))
     hooks = AttemptHooks(

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from accounting.errors import WorkspaceError
-from sandbox.workspace import collect_diff, prepare_workspace, read_owner, remove_workspace
+from sandbox.workspace import (
+    EMPTY_TREE,
+    collect_diff,
+    prepare_workspace,
+    read_owner,
+    remove_workspace,
+)
 
 ROOT = os.geteuid() == 0
 
@@ -51,6 +57,17 @@ def test_repo_is_checked_out_at_the_ref(data_dir, source_repo):
         assert ws.base_commit == git(source_repo, "rev-parse", "v1")
         assert ws.path == data_dir / "workspaces" / "b" / "t" / "1" / "repo"
         assert read_owner(ws.root) == "h:1:1"
+    finally:
+        remove_workspace(ws.root)
+
+
+def test_the_checkout_names_its_origin_and_the_agent_as_committer(data_dir, source_repo):
+    ws = prepare(data_dir, repo=str(source_repo))
+    try:
+        config = ["config", "--file", str(ws.path / ".git" / "config"), "--get-all"]
+        assert git(ws.path, *config, "remote.origin.url") == str(source_repo.resolve())
+        assert git(ws.path, *config, "user.name") == "sandfleet agent"
+        assert git(ws.path, *config, "user.email") == "agent@sandfleet.invalid"
     finally:
         remove_workspace(ws.root)
 
@@ -173,6 +190,41 @@ def test_no_source_gives_an_empty_workspace(data_dir):
         assert collect_diff(ws, data_dir / "diff.patch").files_changed == 1
     finally:
         remove_workspace(ws.root)
+
+
+def test_an_empty_workspace_left_empty_has_an_empty_diff_and_no_repository(data_dir, tmp_path):
+    given = tmp_path / "nothing"
+    given.mkdir()
+    for kwargs in ({}, {"copy_from": given}):
+        ws = prepare(data_dir, **kwargs)
+        try:
+            assert ws.base_commit == EMPTY_TREE and not ws.git_dir.exists()
+            diff = collect_diff(ws, data_dir / "diff.patch")
+            assert diff.patch_path.read_bytes() == b""
+            assert (diff.size_bytes, diff.files_changed, diff.insertions) == (0, 0, 0)
+            assert diff.sha256 == hashlib.sha256(b"").hexdigest()
+            assert not ws.git_dir.exists()
+        finally:
+            remove_workspace(ws.root)
+
+
+def test_files_added_to_an_empty_workspace_are_a_patch_that_applies(data_dir, tmp_path):
+    ws = prepare(data_dir)
+    try:
+        (ws.path / "dir").mkdir()
+        (ws.path / "dir" / "new.txt").write_text("one\ntwo\n")
+        (ws.path / "c.bin").write_bytes(b"\x00\x01\x02")
+        (ws.path / "empty-dir").mkdir()
+        diff = collect_diff(ws, data_dir / "diff.patch")
+    finally:
+        remove_workspace(ws.root)
+    assert (diff.files_changed, diff.insertions, diff.deletions) == (2, 2, 0)
+    check = tmp_path / "check"
+    check.mkdir()
+    git(check, "init", "-q")
+    git(check, "apply", "--index", str(diff.patch_path))
+    assert (check / "dir" / "new.txt").read_text() == "one\ntwo\n"
+    assert (check / "c.bin").read_bytes() == b"\x00\x01\x02"
 
 
 @pytest.mark.skipif(not ROOT, reason="mounting a tmpfs needs root")

@@ -136,11 +136,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _request(cluster: dict[str, Any], image: str, batch: str, timeout_s: float) -> Any:
+def _request(
+    cluster: dict[str, Any], image: str, batch: str, timeout_s: float, model: str = "scripted"
+) -> Any:
     from scheduler.plan import Backend
     from scheduler.runner import AttemptRequest
 
-    env = {"SANDFLEET_MODEL": "scripted", "SANDFLEET_TASK": "t1"}
+    env = {"SANDFLEET_MODEL": model, "SANDFLEET_TASK": "t1"} if model else {"SANDFLEET_TASK": "t1"}
     return AttemptRequest(
         batch=batch, task="t1", attempt=1, team=TEAM, template=load_template("minimal"),
         image=image, command=("python3", "/workspace/agent.py"), repo="", ref="HEAD",
@@ -276,3 +278,45 @@ def test_a_task_whose_budget_cannot_pay_a_call_gets_402_and_is_stopped_as_budget
                      "WHERE kind = 'budget_refused' AND batch = ?", batch)  # fmt: skip
     assert refused == [("task",)]
     assert ray.get(cluster["keeper"].spent.remote("task", f"{batch}/t1")) <= cap
+
+
+NO_GATEWAY_AGENT = textwrap.dedent(
+    """
+    import json, os, socket
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", 8080))  # where the forwarder would serve the LLM
+        reached = True
+    except OSError:
+        reached = False
+    print(json.dumps({"env": sorted(k for k in os.environ if "PROXY" in k or "OPENAI" in k),
+                      "gateway_mounted": os.path.exists("/run/sandfleet"),
+                      "reached": reached}), flush=True)
+    """
+)
+
+
+def test_a_task_with_no_model_and_no_egress_runs_without_a_forwarder(
+    cluster: dict[str, Any], image: str, docker_client: Any, tmp_path: Path
+) -> None:
+    ray = cluster["ray"]
+    batch = f"pytest-ngw-{uuid.uuid4().hex[:8]}"
+    request = _request(cluster, image, batch, timeout_s=120, model="")
+    workspace = tmp_path / "given"
+    workspace.mkdir()
+    (workspace / "agent.py").write_text(NO_GATEWAY_AGENT)
+    task = ray.remote(num_cpus=1, resources={"sandbox_slots": 1}, max_retries=0)(_attempt)
+    try:
+        out = ray.get(task.remote(request, str(workspace), cluster["options"]), timeout=120)
+    finally:
+        _assert_nothing_left(cluster, docker_client, batch)
+    assert out["outcome"] == "succeeded", out
+    agent = json.loads((Path(out["archive"]) / "stdout.log").read_text().splitlines()[-1])
+    # nothing to forward: no endpoint in its environment, no socket, nothing listening
+    assert agent == {"env": [], "gateway_mounted": False, "reached": False}
+    assert out["report"]["capture_mode"] in {"netlink", "poll"}  # still captured
+    _flush(cluster)
+    argvs = [json.loads(a) for (a,) in _query(cluster, "SELECT json_extract(payload, '$.argv') "
+             "FROM events WHERE kind = 'command_started' AND batch = ?", batch)]  # fmt: skip
+    assert ["python3", "/workspace/agent.py"] in argvs
+    assert not any("/opt/sandfleet/forwarder.py" in a for a in argvs)
