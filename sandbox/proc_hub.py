@@ -1,7 +1,8 @@
 """The parent side of command capture: one reader process, shared by every sandbox.
 
-`NetlinkProcHub.shared()` starts a reader on the first `subscribe`, and stops it with
-the last `unsubscribe`. Readers, in order of preference (each built by `sandbox.native`):
+`NetlinkProcHub.shared()` starts a reader on the first `subscribe`, and stops it
+`linger_s` (30 s) after the last `unsubscribe`, so back-to-back attempts share it.
+Readers, in order of preference (each built by `sandbox.native`):
 - `ebpf` (`sandbox/native/ebpfmon.bpf.c` + its loader `ebpfmon.c`): the kernel reads
   argv at exec time and keeps only the watched containers' pid namespaces; the reader
   drains a ring buffer on a timer, so a busy sandbox costs no wake-up per exec;
@@ -44,6 +45,7 @@ BatchCallback = Callable[[list[Record]], None]
 ReaderKind = Literal["auto", "ebpf", "native", "python"]
 _KINDS: Final = ("auto", "ebpf", "native", "python")
 _START_TIMEOUT_S: Final = 30.0
+_LINGER_S: Final = 30.0
 _PYTHON_READER: Final = [sys.executable, "-m", "sandbox.proc_events"]
 
 
@@ -53,8 +55,15 @@ class NetlinkProcHub:
     _shared: NetlinkProcHub | None = None
     _shared_lock = threading.Lock()
 
-    def __init__(self, argv: list[str] | None = None, reader: ReaderKind | None = None) -> None:
+    def __init__(
+        self, argv: list[str] | None = None, reader: ReaderKind | None = None,
+        linger_s: float = _LINGER_S,
+    ) -> None:  # fmt: skip
         self.argv = argv  # None: the reader `reader` asks for
+        # the reader outlives its last subscriber this long: the node's next attempt
+        # starts capturing at once instead of spawning (and loading) a reader again
+        self.linger_s = linger_s
+        self._idle_timer: threading.Timer | None = None
         self.want: ReaderKind = reader or _reader_from_env()
         self._lock = threading.Lock()
         self._callbacks: dict[str, BatchCallback] = {}
@@ -95,6 +104,9 @@ class NetlinkProcHub:
         """
         deliver = cast(BatchCallback, callback) if batch else _each(cast(Callback, callback))
         with self._lock:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
             if self._proc is not None and self._proc.poll() is not None:
                 self._reap(self._proc, self._thread)  # it died; its failure is recorded
                 self._proc = self._thread = None
@@ -110,7 +122,8 @@ class NetlinkProcHub:
     def unsubscribe(self, container_id: str) -> None:
         """Stop delivering, once every record the reader had for the container is delivered.
 
-        The reader process ends with the last subscriber.
+        The reader process ends `linger_s` after the last subscriber left, unless one
+        came back.
         """
         acked = threading.Event()
         with self._lock:
@@ -125,10 +138,21 @@ class NetlinkProcHub:
                     alive = False  # it died; its failure is recorded for check()
         if alive and not acked.wait(_START_TIMEOUT_S):
             log.warning("the process-events reader did not confirm unwatch %s", container_id[:12])
-        proc = thread = None
         with self._lock:
             self._callbacks.pop(container_id, None)
             self._acks.pop(container_id, None)
+            idle = not self._callbacks and self._proc is not None
+            if idle and self.linger_s > 0:
+                self._idle_timer = threading.Timer(self.linger_s, self._stop_if_idle)
+                self._idle_timer.daemon = True
+                self._idle_timer.start()
+        if idle and self.linger_s <= 0:
+            self._stop_if_idle()
+
+    def _stop_if_idle(self) -> None:
+        """End the reader when nothing subscribed since it went idle."""
+        proc = thread = None
+        with self._lock:
             if not self._callbacks and self._proc is not None:
                 proc, thread = self._proc, self._thread
                 self._proc = self._thread = None

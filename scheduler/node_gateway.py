@@ -416,6 +416,10 @@ class NodeGateway:
         self._thread.stop()
         if self._writer is not None:
             self._writer.close()
+        try:
+            self._root.rmdir()  # every attempt's socket directory is gone: leave no trace
+        except OSError as e:
+            log.debug("keeping %s: %s", self._root, e)
 
     # -- budget ------------------------------------------------------------------------------
 

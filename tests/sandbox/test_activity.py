@@ -52,6 +52,13 @@ exit 3
 """
 
 
+def _held_s(tee: Tee) -> float:
+    """Seconds between the first and the last sample that saw the allocation."""
+    high = [e.time for e in tee.events("resource_sample")
+            if e.payload["memory_bytes"] >= ALLOC_MIB * MiB]  # fmt: skip
+    return (max(high) - min(high)).total_seconds() if len(high) >= 2 else 0.0
+
+
 class Tee:
     """The sink: batches into a LedgerWriter, and into a list the test can wait on."""
 
@@ -140,14 +147,8 @@ def test_the_ledger_holds_each_command_file_change_and_the_memory_peak_of_a_scri
         with capture:
             container.start()
             tee.wait_for(
-                f"two samples of at least {ALLOC_MIB} MiB",
-                lambda: (
-                    sum(
-                        e.payload["memory_bytes"] >= ALLOC_MIB * MiB
-                        for e in tee.events("resource_sample")
-                    )
-                    >= 2
-                ),
+                f"samples of at least {ALLOC_MIB} MiB over one sampling interval (0.2 s)",
+                lambda: _held_s(tee) >= 0.2,
             )
             release(workspace)
             assert container.wait(timeout=60)["StatusCode"] == 3
@@ -185,7 +186,8 @@ def test_the_ledger_holds_each_command_file_change_and_the_memory_peak_of_a_scri
     assert {(s["memory_limit_bytes"], s["pids_limit"], s["cpu_limit_millicores"])
             for s in samples} == {(512 * MiB, 128, 1000)}  # fmt: skip
     assert report.totals.cpu_core_seconds > 0
-    # it held ALLOC_MIB over at least one sampling interval (0.2 s) between two samples
+    # it held ALLOC_MIB over at least 0.2 s between samples (samples fall on a grid, so
+    # the first gap can be shorter than the interval: the wait above covers that)
     assert report.totals.memory_gib_seconds >= Decimal(ALLOC_MIB) / 1024 * Decimal("0.2")
 
     # compute charges, priced from the measured totals

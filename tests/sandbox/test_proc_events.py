@@ -345,3 +345,33 @@ def test_a_batch_subscriber_gets_a_reads_records_in_one_call_before_the_ack() ->
             hub.unsubscribe(OTHER)
     finally:
         hub.unsubscribe(CID)
+
+
+def test_the_reader_lingers_after_the_last_subscriber_and_is_reused() -> None:
+    import sys
+
+    from sandbox.proc_hub import NetlinkProcHub
+
+    hub = NetlinkProcHub([sys.executable, "-c", FAKE_READER], linger_s=3600)
+    hub.subscribe(CID, [], lambda rec: None)
+    reader = hub._proc
+    assert reader is not None
+    hub.unsubscribe(CID)
+    assert hub._proc is reader and reader.poll() is None  # nobody subscribed, still there
+    hub.subscribe(OTHER, [], lambda rec: None)
+    assert hub._proc is reader  # reused: no new reader started
+    hub.unsubscribe(OTHER)
+    hub._stop_if_idle()  # what the linger timer does once it ran out
+    assert hub._proc is None and reader.poll() is not None
+
+
+def test_with_no_linger_the_reader_ends_with_its_last_subscriber() -> None:
+    import sys
+
+    from sandbox.proc_hub import NetlinkProcHub
+
+    hub = NetlinkProcHub([sys.executable, "-c", FAKE_READER], linger_s=0)
+    hub.subscribe(CID, [], lambda rec: None)
+    reader = hub._proc
+    hub.unsubscribe(CID)
+    assert hub._proc is None and reader is not None and reader.poll() is not None
