@@ -168,6 +168,7 @@ def connect(settings: Settings) -> Iterator[Cluster]:
     from scheduler.autoscale import SLOT_RESOURCE
     from scheduler.fleet import get_scheduler
     from scheduler.ledger_actor import NAMESPACE, get_ledger
+    from scheduler.runner import warm_nodes
 
     started = embedded = False
     if not ray.is_initialized():
@@ -188,6 +189,8 @@ def connect(settings: Settings) -> Iterator[Cluster]:
     cluster: Cluster | None = None
     try:
         ledger = get_ledger(settings.data_dir)
+        if settings.backend is Backend.DOCKER:  # gateways and imports, while we go on
+            warm_nodes(settings.data_dir)
         scheduler = get_scheduler(
             settings.data_dir, policies=_policies(settings), max_slots=_max_slots(settings)
         )

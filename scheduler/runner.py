@@ -406,3 +406,29 @@ def sweep_sandboxes(
         # what the node metered for a runner that never returned (a cancel): its tasks row
         "metered": {**_metered(node_report), "node_report": node_report} if node_report else None,
     }
+
+
+_WARM_PER_NODE: Final = 4  # at most this many workers per node get the runner's imports
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def warm_node(data_dir: str) -> str:
+    """Ready a node for its first attempts while the driver is still starting: this
+    worker has the runner's modules imported, and the node's gateway runs."""
+    from scheduler.node_attempt import gateway_for_this_node
+
+    gateway_for_this_node(data_dir)
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def warm_nodes(data_dir: str) -> list[Any]:
+    """Start `warm_node` on every live node that has sandbox slots (one per slot, at most
+    `_WARM_PER_NODE`); returns their refs, which nobody needs to wait for."""
+    refs = []
+    for node in ray.nodes():
+        slots = int(node.get("Resources", {}).get(SLOT_RESOURCE, 0))
+        if node.get("Alive") and slots:
+            options = on_node(node["NodeID"])
+            refs += [warm_node.options(**options).remote(data_dir)
+                     for _ in range(min(slots, _WARM_PER_NODE))]  # fmt: skip
+    return refs
