@@ -30,14 +30,22 @@ import select
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
 from accounting.errors import SandboxError
 from sandbox.debounce import Debouncer, RawChange
 
-__all__ = ["FileChange", "FileWatcher", "InotifyRecord", "WatchRoot", "parse_events"]
+__all__ = [
+    "FileChange",
+    "FileWatcher",
+    "Inotify",
+    "InotifyRecord",
+    "WatchRoot",
+    "parse_events",
+    "read_queued",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +93,19 @@ def parse_events(data: bytes) -> list[InotifyRecord]:
     return out
 
 
+def read_queued(fd: int) -> Iterator[tuple[int, InotifyRecord]]:
+    """Each record the kernel has queued on the (non-blocking) inotify descriptor `fd`,
+    with the monotonic ns of the read that got it; ends when the queue is empty."""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        now = time.monotonic_ns()
+        for rec in parse_events(data):
+            yield now, rec
+
+
 @dataclass(frozen=True, slots=True)
 class WatchRoot:
     """A host directory to watch, and the path the sandbox knows it by."""
@@ -115,13 +136,37 @@ class _MovedFrom:
     rel: str
 
 
-class _Libc:
+class Inotify:
+    """libc's inotify calls (through ctypes); a failure is a `SandboxError` saying what
+    to do."""
+
     def __init__(self) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
-        self.init1 = libc.inotify_init1
-        self.add = libc.inotify_add_watch
-        self.add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        self._init1 = libc.inotify_init1
+        self._add = libc.inotify_add_watch
+        self._add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
         self.rm = libc.inotify_rm_watch
+
+    def init(self) -> int:
+        """A new inotify descriptor (non-blocking, close-on-exec)."""
+        fd = self._init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            raise SandboxError(f"inotify_init1 failed: {os.strerror(ctypes.get_errno())}")
+        return fd
+
+    def add(self, fd: int, target: bytes, mask: int, what: str) -> int:
+        """Watch `target` on descriptor `fd`; its watch descriptor. `what` names it in
+        an error."""
+        wd: int = self._add(fd, target, mask)
+        if wd < 0:
+            err = ctypes.get_errno()
+            if err == errno.ENOSPC:
+                raise SandboxError(
+                    "inotify watch limit reached; fix: raise it, e.g. "
+                    "`sysctl fs.inotify.max_user_watches=1048576`"
+                )
+            raise SandboxError(f"cannot watch {what}: {os.strerror(err)}")
+        return wd
 
 
 class FileWatcher:
@@ -139,11 +184,8 @@ class FileWatcher:
         self.coalesce_s = min(coalesce_s, quiet_s)
         self.max_gather_s = max(self.coalesce_s, quiet_s / 2)
         self.debouncer = Debouncer(int(quiet_s * 1e9), int(max_delay_s * 1e9))
-        self._libc = _Libc()
-        fd = self._libc.init1(_IN_NONBLOCK | _IN_CLOEXEC)
-        if fd < 0:
-            raise SandboxError(f"inotify_init1 failed: {os.strerror(ctypes.get_errno())}")
-        self._fd = fd
+        self._libc = Inotify()
+        self._fd = self._libc.init()
         self._roots: list[tuple[int, str]] = []  # (dir fd, prefix)
         self._wds: dict[int, tuple[int, str]] = {}  # wd -> (root index, relative dir)
         self._sizes: dict[str, int] = {}
@@ -209,15 +251,8 @@ class FileWatcher:
     def _watch_one(
         self, idx: int, rel: str, fd: int, report: bool, stack: list[str], known: frozenset[str]
     ) -> None:
-        wd = self._libc.add(self._fd, f"/proc/self/fd/{fd}".encode(), _WATCH_MASK)
-        if wd < 0:
-            err = ctypes.get_errno()
-            if err == errno.ENOSPC:
-                raise SandboxError(
-                    "inotify watch limit reached; fix: raise it, e.g. "
-                    "`sysctl fs.inotify.max_user_watches=1048576`"
-                )
-            raise SandboxError(f"cannot watch {self._path(idx, rel)}: {os.strerror(err)}")
+        target = f"/proc/self/fd/{fd}".encode()
+        wd = self._libc.add(self._fd, target, _WATCH_MASK, self._path(idx, rel))
         self._wds[wd] = (idx, rel)
         now = time.monotonic_ns()
         with os.scandir(fd) as entries:
@@ -380,15 +415,10 @@ class FileWatcher:
         """Handle whatever the kernel has queued (non-blocking). 0: nothing was queued;
         `_ONLY_MODIFY`: only modifications (which the debouncer holds anyway); else 1."""
         seen = 0
-        while True:
-            try:
-                data = os.read(self._fd, 65536)
-            except BlockingIOError:
-                return seen
-            now = time.monotonic_ns()
-            for rec in parse_events(data):
-                seen = _ONLY_MODIFY if rec.mask == IN_MODIFY and seen != 1 else 1
-                self._handle(rec, now)
+        for now, rec in read_queued(self._fd):
+            seen = _ONLY_MODIFY if rec.mask == IN_MODIFY and seen != 1 else 1
+            self._handle(rec, now)
+        return seen
 
     def _handle(self, rec: InotifyRecord, now: int) -> None:
         if rec.mask & IN_Q_OVERFLOW:

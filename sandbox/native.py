@@ -10,20 +10,17 @@
 `sandbox.proc_hub` runs the first that can be had and starts, else the Python reader
 (`python -m sandbox.proc_events`), which does the connector's work for far more CPU.
 
-Binaries live in `build/native/` at the project root (or `$SANDFLEET_NATIVE_DIR`), named
-after a hash of the source, so an edited source is never run stale. `make setup` builds
-them ahead (`python -m sandbox.native`).
+Both readers include `native/reader_common.h` (the records they write, the table of
+watched containers, the /proc reads). Binaries live in `accounting.native.build_dir()`
+(`build/native/` in a checkout, or `$SANDFLEET_NATIVE_DIR`), named after a hash of the
+source and the headers it includes, so an edited source or header is never run stale.
+`make setup` builds them ahead (`python -m sandbox.native`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Final
 
@@ -33,6 +30,7 @@ from accounting.native import NativeBuildError, bpf_object, compiled
 __all__ = [
     "EBPF_LOADER",
     "EBPF_PROGRAM",
+    "READER_HEADER",
     "SOURCE",
     "build_ebpfmon",
     "build_procmon",
@@ -46,17 +44,7 @@ SOURCE: Final = Path(__file__).resolve().parent / "native" / "procmon.c"
 EBPF_PROGRAM: Final = SOURCE.parent / "ebpfmon.bpf.c"
 EBPF_LOADER: Final = SOURCE.parent / "ebpfmon.c"
 EBPF_HEADER: Final = SOURCE.parent / "ebpfmon.h"
-_CFLAGS: Final = ("-O2", "-Wall", "-Wextra")
-
-
-def _build_dir() -> Path:
-    env = os.environ.get("SANDFLEET_NATIVE_DIR")
-    return Path(env) if env else SOURCE.parent.parent.parent / "build" / "native"
-
-
-def _target(source: Path) -> Path:
-    digest = hashlib.sha256(source.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()
-    return _build_dir() / f"procmon-{digest[:16]}"
+READER_HEADER: Final = SOURCE.parent / "reader_common.h"
 
 
 def build_procmon(source: Path = SOURCE) -> Path:
@@ -64,33 +52,13 @@ def build_procmon(source: Path = SOURCE) -> Path:
 
     Raises `SandboxError` naming the fix when there is no C compiler or it fails.
     """
-    target = _target(source)
-    if os.access(target, os.X_OK):
-        return target
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise SandboxError(
-            "no C compiler for the native process-events reader; fix: "
-            "`apt-get install gcc` (the Python reader is used meanwhile)"
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".procmon-", dir=target.parent)
-    os.close(fd)
     try:
-        done = subprocess.run(
-            [cc, *_CFLAGS, "-o", tmp, str(source)], capture_output=True, text=True, check=False
-        )
-        if done.returncode != 0:
-            raise SandboxError(
-                f"compiling {source} failed ({cc} exited {done.returncode}): "
-                f"{done.stderr.strip()[-2000:]}"
-            )
-        os.chmod(tmp, 0o755)  # noqa: S103 - an executable, like any in /usr/bin
-        os.replace(tmp, target)  # atomic: a concurrent build finds a whole binary or none
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+        return compiled(source, depends=[READER_HEADER])
+    except NativeBuildError as e:
+        raise SandboxError(
+            f"the native process-events reader cannot be built: {e} (the Python reader is "
+            "used meanwhile)"
+        ) from e
 
 
 def procmon_path() -> Path | None:
@@ -113,7 +81,7 @@ def build_ebpfmon(program: Path = EBPF_PROGRAM, loader: Path = EBPF_LOADER) -> l
     """
     try:
         obj = bpf_object(program, depends=[EBPF_HEADER])
-        exe = compiled(loader, libs=["-lbpf"], depends=[EBPF_HEADER])
+        exe = compiled(loader, libs=["-lbpf"], depends=[EBPF_HEADER, READER_HEADER])
     except NativeBuildError as e:
         raise SandboxError(
             f"the eBPF command reader cannot be built: {e} (fix: `make setup`, which runs "

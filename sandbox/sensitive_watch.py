@@ -24,8 +24,6 @@ of sandfleet's does).
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
 import os
 import queue
@@ -40,7 +38,7 @@ from typing import Final
 
 from accounting.errors import SandboxError
 from sandbox.canaries import CanarySet, load_canaries
-from sandbox.file_watch import FileChange, parse_events
+from sandbox.file_watch import IN_IGNORED, IN_Q_OVERFLOW, FileChange, Inotify, read_queued
 
 __all__ = ["ROOT_SEARCH", "AccessDebouncer", "SensitiveWatch", "readable_by"]
 
@@ -48,8 +46,6 @@ log = logging.getLogger(__name__)
 
 IN_ACCESS: Final = 0x1
 IN_OPEN: Final = 0x20
-IN_Q_OVERFLOW: Final = 0x4000
-IN_IGNORED: Final = 0x8000
 IN_DONT_FOLLOW: Final = 0x02000000
 _MASK: Final = IN_OPEN | IN_ACCESS | IN_DONT_FOLLOW
 ROOT_SEARCH: Final = ("/root", "/home", "/etc", "/opt", "/srv", "/usr/local/etc")
@@ -128,13 +124,8 @@ class SensitiveWatch:
         self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
         self.search = tuple(search)
         self.debouncer = AccessDebouncer(int(gather_s * 1e9), int(repeat_s * 1e9))
-        libc = ctypes.CDLL(None, use_errno=True)
-        self._add = libc.inotify_add_watch
-        self._add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if fd < 0:
-            raise SandboxError(f"inotify_init1 failed: {os.strerror(ctypes.get_errno())}")
-        self._fd = fd
+        self._inotify = Inotify()
+        self._fd = self._inotify.init()
         self._wake_r, self._wake_w = os.pipe()
         self._wds: dict[int, tuple[str, int]] = {}  # wd -> (path in the sandbox, size)
         self._pids: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -167,15 +158,7 @@ class SensitiveWatch:
     # -- watches ------------------------------------------------------------------------
 
     def _watch(self, target: bytes, path: str, size: int) -> None:
-        wd = self._add(self._fd, target, _MASK)
-        if wd < 0:
-            err = ctypes.get_errno()
-            if err == errno.ENOSPC:
-                raise SandboxError(
-                    "inotify watch limit reached; fix: raise it, e.g. "
-                    "`sysctl fs.inotify.max_user_watches=1048576`"
-                )
-            raise SandboxError(f"cannot watch {path} for reads: {os.strerror(err)}")
+        wd = self._inotify.add(self._fd, target, _MASK, f"{path} for reads")
         if wd not in self._wds:
             self.watched.append(path)
         self._wds[wd] = (path, size)
@@ -277,20 +260,14 @@ class SensitiveWatch:
 
     def read_once(self) -> None:
         """Feed whatever the kernel has queued to the debouncer (non-blocking)."""
-        while True:
-            try:
-                data = os.read(self._fd, 65536)
-            except BlockingIOError:
-                return
-            now = time.monotonic_ns()
-            for rec in parse_events(data):
-                if rec.mask & IN_Q_OVERFLOW:
-                    self.overflows += 1
-                    continue
-                where = self._wds.get(rec.wd)
-                if where is None or rec.mask & IN_IGNORED:
-                    continue
-                self.debouncer.add(now, where[0], bool(rec.mask & IN_ACCESS))
+        for now, rec in read_queued(self._fd):
+            if rec.mask & IN_Q_OVERFLOW:
+                self.overflows += 1
+                continue
+            where = self._wds.get(rec.wd)
+            if where is None or rec.mask & IN_IGNORED:
+                continue
+            self.debouncer.add(now, where[0], bool(rec.mask & IN_ACCESS))
 
     def _report(self, accesses: list[tuple[int, str, str]]) -> None:
         sizes = dict(self._wds.values())

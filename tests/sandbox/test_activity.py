@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow.dataset as ds
 import pytest
-from helpers import require_image
+from helpers import fake_reader, hardened_containers
 
 from accounting.errors import SandboxError
 from accounting.pricing import load_pricing, unit_price_nusd
@@ -97,27 +97,12 @@ def workspace(tmp_path: Path) -> Path:
 @pytest.fixture
 def sandbox(docker_client: Any, workspace: Path) -> Iterator[Callable[..., Any]]:
     """Creates hardened containers (not started); removes them all afterwards."""
-
-    ref = require_image(docker_client, "base")
-    made: list[Any] = []
-
-    def create(command: list[str]) -> Any:
-        c = docker_client.containers.create(
-            ref, command, user="10001:10001", network_mode="none", read_only=True,
-            cap_drop=["ALL"], security_opt=["no-new-privileges:true"], init=True,
-            mem_limit="512m", memswap_limit="512m", nano_cpus=10**9, pids_limit=128,
-            tmpfs={"/tmp": "rw,noexec,nosuid,nodev,size=64m"},
-            volumes={str(workspace): {"bind": "/workspace", "mode": "rw"}},
-            labels={"sandfleet.test": "activity"},
-        )  # fmt: skip
-        made.append(c)
-        return c
-
-    try:
+    with hardened_containers(
+        docker_client, "activity", mem_limit="512m", memswap_limit="512m",
+        tmpfs={"/tmp": "rw,noexec,nosuid,nodev,size=64m"},
+        volumes={str(workspace): {"bind": "/workspace", "mode": "rw"}},
+    ) as create:  # fmt: skip
         yield create
-    finally:
-        for c in made:
-            c.remove(force=True)
 
 
 def release(workspace: Path) -> None:
@@ -293,29 +278,10 @@ def test_capture_falls_back_to_polling_when_the_connector_is_refused(tmp_path: P
 
 
 def test_records_handed_over_just_before_stop_reach_the_sink_in_order(tmp_path: Path) -> None:
-    import sys
-
     from sandbox.proc_hub import NetlinkProcHub
 
     # a reader that answers the watch with a command's start and end, then the ack
-    reader = """
-import sys
-from sandbox.proc_table import (REC_ACK, CaptureMode, CommandFinished, CommandStarted,
-                                pack_control, pack_record)
-out = sys.stdout.buffer
-out.write(b'{"t":"ready","realtime":false,"reader":"fake"}\\n')
-out.flush()
-for line in sys.stdin:
-    verb, cid = line.split()[:2]
-    data = b""
-    if verb == "watch":
-        argv, mode = ("/bin/true", "x"), CaptureMode.NETLINK
-        data = (pack_record(cid, CommandStarted(5, 1, argv, 10**9, mode))
-                + pack_record(cid, CommandFinished(5, 1, argv, 10**9, 3 * 10**9, 0, mode)))
-    out.write(data + pack_control(REC_ACK, cid))
-    out.flush()
-"""
-    hub = NetlinkProcHub([sys.executable, "-c", reader])
+    hub = NetlinkProcHub(fake_reader(("/bin/true", "x"), 10**9, 3 * 10**9))
     tee = Tee()
     capture = ActivityCapture("e" * 64, tmp_path, IDENTITY, tee, hub=hub)
     capture.start()

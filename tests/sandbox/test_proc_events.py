@@ -6,6 +6,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from helpers import fake_reader
+
 from sandbox.proc_events import _kernel_filters_events, listen_message, parse_datagram
 from sandbox.proc_poll import PollTracker
 from sandbox.proc_table import (
@@ -306,30 +308,13 @@ def test_polling_skips_subshells_and_the_engines_own_process() -> None:
 
 
 # A reader that answers each watch with two records of the container, then the ack.
-FAKE_READER = """
-import sys
-from sandbox.proc_table import (REC_ACK, CaptureMode, CommandFinished, CommandStarted,
-                                pack_control, pack_record)
-out = sys.stdout.buffer
-out.write(b'{"t":"ready","realtime":false,"reader":"fake"}\\n')
-out.flush()
-for line in sys.stdin:
-    verb, cid = line.split()[:2]
-    data = b""
-    if verb == "watch":
-        data = (pack_record(cid, CommandStarted(5, 1, ("a",), 10, CaptureMode.NETLINK))
-                + pack_record(cid, CommandFinished(5, 1, ("a",), 10, 20, 0, CaptureMode.NETLINK)))
-    out.write(data + pack_control(REC_ACK, cid))
-    out.flush()
-"""
+FAKE_READER = fake_reader(("a",), 10, 20)
 
 
 def test_a_batch_subscriber_gets_a_reads_records_in_one_call_before_the_ack() -> None:
-    import sys
-
     from sandbox.proc_hub import NetlinkProcHub
 
-    hub = NetlinkProcHub([sys.executable, "-c", FAKE_READER])
+    hub = NetlinkProcHub(FAKE_READER)
     batches: list[list[Record]] = []
     singles: list[Record] = []
     hub.subscribe(CID, [], batches.append, batch=True)
@@ -348,11 +333,9 @@ def test_a_batch_subscriber_gets_a_reads_records_in_one_call_before_the_ack() ->
 
 
 def test_the_reader_lingers_after_the_last_subscriber_and_is_reused() -> None:
-    import sys
-
     from sandbox.proc_hub import NetlinkProcHub
 
-    hub = NetlinkProcHub([sys.executable, "-c", FAKE_READER], linger_s=3600)
+    hub = NetlinkProcHub(FAKE_READER, linger_s=3600)
     hub.subscribe(CID, [], lambda rec: None)
     reader = hub._proc
     assert reader is not None
@@ -366,11 +349,9 @@ def test_the_reader_lingers_after_the_last_subscriber_and_is_reused() -> None:
 
 
 def test_with_no_linger_the_reader_ends_with_its_last_subscriber() -> None:
-    import sys
-
     from sandbox.proc_hub import NetlinkProcHub
 
-    hub = NetlinkProcHub([sys.executable, "-c", FAKE_READER], linger_s=0)
+    hub = NetlinkProcHub(FAKE_READER, linger_s=0)
     hub.subscribe(CID, [], lambda rec: None)
     reader = hub._proc
     hub.unsubscribe(CID)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import missing_engine, require_image
+from helpers import hardened_containers, missing_engine
 
 from accounting.errors import SandboxError
 from sandbox import native
@@ -46,8 +46,36 @@ def test_the_reader_is_built_once_per_source_and_reused(
     built_at = first.stat().st_mtime_ns
     assert native.build_procmon() == first and first.stat().st_mtime_ns == built_at
     edited = tmp_path / "procmon.c"
-    edited.write_text(native.SOURCE.read_text() + "\n/* edited */\n")
+    text = native.SOURCE.read_text().replace('"reader_common.h"', f'"{native.READER_HEADER}"')
+    edited.write_text(text + "\n/* edited */\n")
     assert native.build_procmon(edited) != first  # a changed source is never run stale
+
+
+@pytest.mark.parametrize("reader", ["native", "ebpf"])
+def test_an_edited_shared_header_rebuilds_the_reader(
+    reader: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if shutil.which("cc") is None:
+        missing_engine("no C compiler (apt-get install gcc)")
+    if reader == "ebpf":
+        require_ebpf_toolchain()
+    monkeypatch.setenv("SANDFLEET_NATIVE_DIR", str(tmp_path / "build"))
+    src = tmp_path / "src"
+    shutil.copytree(native.SOURCE.parent, src)
+    header = src / native.READER_HEADER.name
+    monkeypatch.setattr(native, "READER_HEADER", header)
+    monkeypatch.setattr(native, "EBPF_HEADER", src / native.EBPF_HEADER.name)
+
+    def build() -> str:
+        if reader == "native":
+            return str(native.build_procmon(src / native.SOURCE.name))
+        program, loader = src / native.EBPF_PROGRAM.name, src / native.EBPF_LOADER.name
+        return native.build_ebpfmon(program, loader)[0]
+
+    first = build()
+    assert build() == first
+    header.write_text(header.read_text() + "\n/* edited */\n")
+    assert build() != first  # an edited header is never run stale either
 
 
 def test_a_source_that_does_not_compile_names_the_compiler_error(
@@ -201,23 +229,8 @@ class Collected:
 @pytest.fixture
 def containers(docker_client: Any) -> Iterator[Callable[[list[str]], Any]]:
     """Creates hardened containers (not started); removes them all afterwards."""
-    ref = require_image(docker_client, "base")
-    made: list[Any] = []
-
-    def create(command: list[str]) -> Any:
-        c = docker_client.containers.create(
-            ref, command, user="10001:10001", network_mode="none", read_only=True,
-            cap_drop=["ALL"], security_opt=["no-new-privileges:true"], init=True,
-            nano_cpus=10**9, pids_limit=128, labels={"sandfleet.test": "proc-native"},
-        )  # fmt: skip
-        made.append(c)
-        return c
-
-    try:
+    with hardened_containers(docker_client, "proc-native") as create:
         yield create
-    finally:
-        for c in made:
-            c.remove(force=True)
 
 
 def reader_hub(reader: str) -> NetlinkProcHub:
