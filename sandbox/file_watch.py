@@ -43,6 +43,7 @@ __all__ = [
     "Inotify",
     "InotifyRecord",
     "WatchRoot",
+    "WatchThread",
     "parse_events",
     "read_queued",
 ]
@@ -169,8 +170,45 @@ class Inotify:
         return wd
 
 
-class FileWatcher:
+class WatchThread:
+    """The thread of a watcher that wakes on its inotify fd and on a pipe: `start`, and
+    `stop` (wake it, join it, close, raise what stopped it). Subclasses set `_thread`,
+    `_stopping`, `_wake_w` and `error` in `__init__`, and define `_run` and `close`."""
+
+    THREAD_NAME = "sandfleet-watch"
+    WHAT = "watching"
+    _thread: threading.Thread | None
+    _stopping: threading.Event
+    _wake_w: int
+    error: BaseException | None
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Report everything still pending, then stop. Raises what stopped the thread."""
+        if self._thread is not None:
+            self._stopping.set()
+            os.write(self._wake_w, b"x")
+            self._thread.join()
+            self._thread = None
+        self.close()
+        if self.error is not None:
+            raise SandboxError(f"{self.WHAT} failed: {self.error}") from self.error
+
+
+class FileWatcher(WatchThread):
     """Watches roots on a thread; hands each debounced `FileChange` to `callback`."""
+
+    THREAD_NAME = "sandfleet-file-watch"
+    WHAT = "file watching"
 
     def __init__(
         self,
@@ -286,21 +324,6 @@ class FileWatcher:
                 self._wds[wd] = (i, new + r[len(old) :])
 
     # -- the thread ---------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="sandfleet-file-watch", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Report everything still pending, then stop. Raises what stopped the thread."""
-        if self._thread is not None:
-            self._stopping.set()
-            os.write(self._wake_w, b"x")
-            self._thread.join()
-            self._thread = None
-        self.close()
-        if self.error is not None:
-            raise SandboxError(f"file watching failed: {self.error}") from self.error
 
     def add_root_later(self, root: WatchRoot) -> None:
         """Ask the watching thread (or the next `service`) to add `root` (thread-safe;

@@ -36,9 +36,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from accounting.errors import SandboxError
 from sandbox.canaries import CanarySet, load_canaries
-from sandbox.file_watch import IN_IGNORED, IN_Q_OVERFLOW, FileChange, Inotify, read_queued
+from sandbox.file_watch import (
+    IN_IGNORED,
+    IN_Q_OVERFLOW,
+    FileChange,
+    Inotify,
+    WatchThread,
+    read_queued,
+)
 
 __all__ = ["ROOT_SEARCH", "AccessDebouncer", "SensitiveWatch", "readable_by"]
 
@@ -106,8 +112,11 @@ class AccessDebouncer:
         return self.due(1 << 62)
 
 
-class SensitiveWatch:
+class SensitiveWatch(WatchThread):
     """Watches canary files and the sandbox's readable credential files (module doc)."""
+
+    THREAD_NAME = "sandfleet-reads"
+    WHAT = "watching credential reads"
 
     def __init__(
         self,
@@ -210,21 +219,6 @@ class SensitiveWatch:
             self._watch(f"/proc/self/fd/{dfd}/{name}".encode(), path, st.st_size)
 
     # -- the thread ---------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="sandfleet-reads", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Report what is pending, then stop. Raises what stopped the thread."""
-        if self._thread is not None:
-            self._stopping.set()
-            os.write(self._wake_w, b"x")
-            self._thread.join()
-            self._thread = None
-        self.close()
-        if self.error is not None:
-            raise SandboxError(f"watching credential reads failed: {self.error}") from self.error
 
     def close(self) -> None:
         with self._fds_lock:
