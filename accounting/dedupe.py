@@ -69,8 +69,9 @@ class RecentChargeIds:
         self._seeded = False
         self.dropped = 0  # rows refused as duplicates, over this object's life
 
-    def fresh(self, data: pa.Table) -> pa.Table:
-        """`data` (charges rows) without the rows whose `charge_id` is already recorded."""
+    def fresh(self, data: pa.Table, keep_out: list[bool] | None = None) -> pa.Table:
+        """`data` (charges rows) without the rows whose `charge_id` is already recorded;
+        `keep_out`, when given, receives one flag per row (True: kept)."""
         if data.num_rows == 0:
             return data
         if not self._seeded:
@@ -86,6 +87,8 @@ class RecentChargeIds:
                 known[cid] = t
         self._newest = max(self._newest, max(times))
         self._forget_old()
+        if keep_out is not None:
+            keep_out[:] = keep
         dropped = len(keep) - sum(keep)
         if not dropped:
             return data

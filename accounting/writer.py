@@ -180,18 +180,21 @@ class LedgerWriter:
 
     # -- public API
 
-    def append(self, table: str, rows: Rows) -> range:
+    def append(self, table: str, rows: Rows, *, kept: list[bool] | None = None) -> range:
         """Validate `rows` for `table` and buffer them; returns their `event_seq` range.
 
         The whole batch is refused (`SchemaError`) if any row is bad; nothing of it is kept.
         A charge whose `charge_id` is already recorded is dropped (a retry), so the range
-        can be shorter than `rows`; `duplicate_charges` counts them.
+        can be shorter than `rows`; `duplicate_charges` counts them, and `kept`, when
+        given, receives one flag per row (True: it was kept).
         """
         self._raise_io_error()
         data = to_table(table, rows)
         if table == "charges":  # a retried charge is recorded once (`accounting.dedupe`)
             with self._charge_lock:
-                return self._buffer(table, self._charge_ids.fresh(data))
+                return self._buffer(table, self._charge_ids.fresh(data, kept))
+        if kept is not None:
+            kept[:] = [True] * data.num_rows
         return self._buffer(table, data)
 
     @property

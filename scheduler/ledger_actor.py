@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
+import pyarrow as pa
 import ray
 
 from accounting.errors import ConfigError
@@ -71,18 +72,18 @@ class LedgerActor:
 
     def append(self, table: str, rows: Rows) -> int:
         """Validate and buffer rows of one table; returns how many were accepted."""
-        n = len(self._writer.append(table, rows))
-        self._tee([(table, rows)] if n else [])
-        return n
+        return self.append_many([(table, rows)])
 
     def append_many(self, batches: list[tuple[str, Rows]]) -> int:
-        """Several tables' rows in one call, in order."""
+        """Several tables' rows in one call, in order. Only the rows the writer kept (not
+        a charge it already had) reach the Monitor."""
         n, accepted = 0, []
         for table, rows in batches:
-            k = len(self._writer.append(table, rows))
+            kept: list[bool] = []
+            k = len(self._writer.append(table, rows, kept=kept))
             n += k
             if k:
-                accepted.append((table, rows))
+                accepted.append((table, rows if k == len(kept) else _only_kept(rows, kept)))
         self._tee(accepted)
         return n
 
@@ -138,6 +139,12 @@ class LedgerActor:
     def close(self) -> None:
         """Flush, write the final checkpoint and stop the writer (the actor stays)."""
         self._writer.close()
+
+
+def _only_kept(rows: Rows, kept: list[bool]) -> Rows:
+    if isinstance(rows, pa.Table | pa.RecordBatch):
+        return rows.filter(pa.array(kept, pa.bool_()))
+    return [row for row, keep in zip(rows, kept, strict=True) if keep]
 
 
 def _same_dir(a: str, b: str) -> bool:

@@ -104,3 +104,13 @@ def test_verify_warns_about_a_charge_id_recorded_twice(data_dir: Path) -> None:
     report = verify(data_dir)
     assert report.ok
     assert any("1 charge_id(s) recorded more than once (a x2)" in w for w in report.warnings)
+
+
+def test_the_writer_says_which_rows_it_kept(data_dir: Path) -> None:
+    with LedgerWriter(data_dir) as w:
+        w.append("charges", [charge("a")])
+        kept: list[bool] = []
+        assert len(w.append("charges", [charge("a"), charge("b"), charge("b")], kept=kept)) == 1
+        assert kept == [False, True, False]
+        w.append("events", [], kept=kept)
+        assert kept == []

@@ -68,3 +68,43 @@ def test_the_monitor_actor_serves_and_records_its_findings_in_the_ledger(
         ray.kill(monitor)
         ray.get(ledger.close.remote())
         ray.kill(ledger)
+
+
+def test_a_charge_the_ledger_already_had_is_not_teed_to_the_monitor_again(
+    cluster: str, data_dir: Path
+) -> None:
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from accounting.schemas import Charge
+
+    def charge(cid: str) -> Charge:
+        now = datetime.now(UTC)
+        return Charge(
+            now, "ml", "b1", "t1", 1, "node", cid, now, "fix", "Compute", "Sandbox Compute",
+            "sandfleet", "", "cpu", Decimal(1), "core-seconds", Decimal(1000), 1000, "final",
+            "p1",
+        )  # fmt: skip
+
+    ledger = get_ledger(str(data_dir))
+    monitor = get_monitor("127.0.0.1", 0)
+    try:
+        assert ray.get(ledger.append.remote("charges", [charge("a")])) == 1
+        # a retry of "a" with a new charge: only "b" is recorded, and only "b" is teed
+        assert ray.get(ledger.append.remote("charges", [charge("a"), charge("b")])) == 1
+        assert ray.get(ledger.append_many.remote([("charges", [charge("b")])])) == 0
+        url = ray.get(monitor.url.remote())
+
+        def spend() -> str:
+            with urllib.request.urlopen(url + "api/fleet", timeout=10) as r:
+                return str(json.loads(r.read())["spend"]["total"])
+
+        deadline = time.monotonic() + 30
+        while spend() != "0.000002" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert spend() == "0.000002"  # 2 x 1,000 nUSD, not 3
+        ray.get(monitor.close.remote())
+    finally:
+        ray.kill(monitor)
+        ray.get(ledger.close.remote())
+        ray.kill(ledger)
