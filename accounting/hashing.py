@@ -40,9 +40,10 @@ def build() -> Path:
 
 def _load() -> ctypes.CDLL | None:
     global _lib, _tried
+    if _tried:  # the hot path: no lock once decided
+        return _lib
     with _lock:
         if not _tried:
-            _tried = True
             try:
                 lib = ctypes.CDLL(str(build()))
                 ptr, i64 = ctypes.c_void_p, ctypes.c_int64
@@ -51,6 +52,8 @@ def _load() -> ctypes.CDLL | None:
                 _lib = lib
             except (NativeBuildError, OSError) as e:
                 log.warning("native SHA-256 unavailable (%s); hashing in Python", e)
+            finally:
+                _tried = True  # after `_lib`: the unlocked check above never sees it half set
         return _lib
 
 
@@ -92,6 +95,5 @@ def node_hashes(blob: bytes) -> bytes:
         view, sha = memoryview(blob), hashlib.sha256
         return b"".join([sha(b"\x01" + view[i : i + 64]).digest() for i in range(0, len(blob), 64)])
     out = bytearray(32 * pairs)
-    src = (ctypes.c_char * len(blob)).from_buffer_copy(blob) if isinstance(blob, bytes) else blob
-    lib.sandfleet_sha256_pairs(src, pairs, (ctypes.c_char * len(out)).from_buffer(out))
+    lib.sandfleet_sha256_pairs(blob, pairs, (ctypes.c_char * len(out)).from_buffer(out))
     return bytes(out)

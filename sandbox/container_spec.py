@@ -80,7 +80,11 @@ def sandbox_name(batch: str, task: str, attempt: int, nonce: str) -> str:
 def sandbox_home(template: Template, env: Mapping[str, str] | None = None) -> str:
     """The agent's HOME in a sandbox made with this `env`: /tmp unless the template or
     `env` says otherwise (the root filesystem is read-only)."""
-    return {"HOME": TMP_MOUNT, **template.env, **(env or {})}["HOME"]
+    return _environment(template, env)["HOME"]
+
+
+def _environment(template: Template, env: Mapping[str, str] | None) -> dict[str, str]:
+    return {"HOME": TMP_MOUNT, **template.env, **(env or {})}
 
 
 def container_spec(
@@ -106,7 +110,7 @@ def container_spec(
     argv = list(command) if command else list(template.agent_command)
     if not argv:
         raise ValueError("a sandbox needs a command")
-    environment = {"HOME": TMP_MOUNT, **template.env, **(env or {})}
+    environment = _environment(template, env)
     if canaries is not None and canaries.home != environment["HOME"].rstrip("/"):
         raise ValueError(
             f"the canaries were planted for HOME {canaries.home}, the sandbox's is "

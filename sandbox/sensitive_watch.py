@@ -37,10 +37,13 @@ from dataclasses import dataclass
 from typing import Final
 
 from sandbox.canaries import CanarySet, load_canaries
-from sandbox.file_watch import (
+from sandbox.file_watch import FileChange
+from sandbox.inotify import (
+    IN_ACCESS,
+    IN_DONT_FOLLOW,
     IN_IGNORED,
+    IN_OPEN,
     IN_Q_OVERFLOW,
-    FileChange,
     Inotify,
     WatchThread,
     read_queued,
@@ -50,9 +53,6 @@ __all__ = ["ROOT_SEARCH", "AccessDebouncer", "SensitiveWatch", "readable_by"]
 
 log = logging.getLogger(__name__)
 
-IN_ACCESS: Final = 0x1
-IN_OPEN: Final = 0x20
-IN_DONT_FOLLOW: Final = 0x02000000
 _MASK: Final = IN_OPEN | IN_ACCESS | IN_DONT_FOLLOW
 ROOT_SEARCH: Final = ("/root", "/home", "/etc", "/opt", "/srv", "/usr/local/etc")
 _MAX_DEPTH: Final = 4
@@ -264,6 +264,8 @@ class SensitiveWatch(WatchThread):
             self.debouncer.add(now, where[0], bool(rec.mask & IN_ACCESS))
 
     def _report(self, accesses: list[tuple[int, str, str]]) -> None:
+        if not accesses:  # most wake-ups: nothing fell due
+            return
         sizes = dict(self._wds.values())
         for mono_ns, op, path in accesses:
             self.callback(FileChange(mono_ns, op, path, sizes.get(path, 0)))

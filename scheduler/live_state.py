@@ -24,24 +24,13 @@ from typing import Any
 
 from accounting.schemas import Charge, Event, EventKind, TaskState, TaskSummary
 from scheduler.live_views import AttemptView, BatchView, Buckets, attempt_brief, iso, usd
+from scheduler.state import TERMINAL_STATES
 
 __all__ = ["PROVISIONING_BUCKETS_S", "LiveLimits", "LiveState", "task_key"]
 
 PROVISIONING_BUCKETS_S = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 """Upper bounds (seconds) of the provisioning-latency histogram."""
 
-TERMINAL = frozenset(
-    {
-        TaskState.SUCCEEDED,
-        TaskState.FAILED,
-        TaskState.OOM,
-        TaskState.TIMED_OUT,
-        TaskState.CANCELLED,
-        TaskState.BUDGET_EXCEEDED,
-        TaskState.STOPPED_BY_RULE,
-        TaskState.REJECTED,
-    }
-)
 _ACTIVITY = frozenset(
     {EventKind.COMMAND_STARTED, EventKind.FILE_CHANGED, EventKind.RESOURCE_SAMPLE}
 )
@@ -213,9 +202,9 @@ class LiveState:
         if view is not None:
             view.state = state
             view.reason = str(ev.payload.get("reason", ""))
-            if state in TERMINAL:
+            if state in TERMINAL_STATES:
                 view.finish(ev.time, ev.payload)
-        if state in TERMINAL or state is TaskState.QUEUED:
+        if state in TERMINAL_STATES or state is TaskState.QUEUED:
             self._retire(key, ev.attempt)
 
     def _attempt(self, ev: Event) -> AttemptView | None:
@@ -224,7 +213,7 @@ class LiveState:
         view = self._lookup(key, ev.attempt)
         if view is None:
             entry = self.tasks.get(key)
-            if entry is not None and (entry.state in TERMINAL or entry.attempt > ev.attempt):
+            if entry is not None and (entry.state in TERMINAL_STATES or entry.attempt > ev.attempt):
                 return None  # a late event of an attempt already over and forgotten
             view = AttemptView(ev.team, ev.batch, ev.task, ev.attempt, ev.node, self.limits)
             view.seen = ev.time

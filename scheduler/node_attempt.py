@@ -31,7 +31,8 @@ from sandbox.attempt import AttemptHooks
 from sandbox.credentials import AttemptRef
 from sandbox.gateway import AttemptGrant
 from scheduler.ledger_actor import NAMESPACE
-from scheduler.node_gateway import GatewayClosing, NodeChannel, NodeGateway
+from scheduler.node_channel import NodeChannel
+from scheduler.node_gateway import GatewayClosing, NodeGateway
 
 if TYPE_CHECKING:
     from scheduler.runner import AttemptRequest

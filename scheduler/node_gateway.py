@@ -19,7 +19,8 @@ When a cap refuses an LLM call (HTTP 402) or a lease renewal, the attempt is mar
 attempt's `stop_reason`. Sockets live under `/run/sandfleet/gw-<node>/` on the host
 (short: a unix socket path must stay under ~100 bytes).
 
-The runner's side is `scheduler.node_attempt` (`node_attempt(request)`).
+The runner's side is `scheduler.node_attempt` (`node_attempt(request)`); the channel an
+attempt gets and its tally are in `scheduler.node_channel`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from scheduler.budget import CapReached, compute_rate_nusd_per_s
 from scheduler.budget_keeper import budget_client, keeper_lookup, unwrap
 from scheduler.compute_lease import ComputeLeases
 from scheduler.ledger_actor import LEDGER_NAME, NAMESPACE
+from scheduler.node_channel import LedgerActorSink, NodeChannel, Tally
 
 __all__ = ["FORWARDER_MOUNT", "NodeChannel", "NodeGateway", "default_root"]
 
@@ -61,62 +63,10 @@ _CALL_TIMEOUT_S: Final = 120.0
 _CLOSED_KEPT: Final = 4096  # closed attempts whose metering is kept for the sweep
 
 
-@dataclass(frozen=True)
-class NodeChannel:
-    """What one attempt's container needs from the node gateway (picklable).
-
-    `env` has no token: the forwarder reads it from `/run/sandfleet/token`, so it never
-    shows in the container's configuration (`docker inspect`).
-    """
-
-    ref: AttemptRef
-    directory: str  # the socket directory on the host
-    volumes: dict[str, dict[str, str]]
-    env: dict[str, str]
-    command_prefix: tuple[str, ...]
-
-    def wrap(self, argv: Sequence[str]) -> tuple[str, ...]:
-        return (*self.command_prefix, *argv)
-
-
-@dataclass
-class _Tally:
-    """One attempt's charges and tokens, summed from the rows sent to the ledger."""
-
-    cost_compute_nusd: int = 0
-    cost_llm_nusd: int = 0
-    cost_network_nusd: int = 0
-    tokens_input: int = 0
-    tokens_output: int = 0
-    llm_calls: int = 0
-    resource_samples: int = 0  # so far: a live attempt's capture is sampling
-
-    def add(self, table: str, row: Any) -> None:
-        if table == "charges":
-            category = str(getattr(row.service_category, "value", row.service_category))
-            cost = row.cost_nusd or 0
-            if category == "Compute":
-                self.cost_compute_nusd += cost
-            elif category == "Networking":
-                self.cost_network_nusd += cost
-            elif category.startswith("AI"):
-                self.cost_llm_nusd += cost
-            return
-        kind = str(getattr(row.kind, "value", row.kind))
-        if kind == "resource_sample":
-            self.resource_samples += 1
-        elif kind == "llm_call":
-            p = row.payload
-            self.llm_calls += 1
-            inputs = ("input_uncached", "input_cache_read", "input_cache_write")
-            self.tokens_input += sum(int(p.get(k) or 0) for k in inputs)
-            self.tokens_output += int(p.get("output") or 0) + int(p.get("reasoning") or 0)
-
-
 @dataclass
 class _Live:
     grant: AttemptGrant
-    tally: _Tally = field(default_factory=_Tally)
+    tally: Tally = field(default_factory=Tally)
     container: str | None = None
     capture: ActivityCapture | None = None
     report: CaptureReport | None = None
@@ -124,26 +74,15 @@ class _Live:
     why: str = ""
 
 
-class _LedgerActorSink:
-    """`LedgerSink` on the `ledger` actor: each batch waits for the actor's answer, so a
-    failing ledger fails the gateway closed (as a local writer would)."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    def append(self, table: str, rows: Sequence[Any]) -> int:
-        return int(ray.get(self.handle.append.remote(table, list(rows)), timeout=_CALL_TIMEOUT_S))
-
-
 def default_root(node_id: str) -> Path:
     return Path("/run/sandfleet") / f"gw-{node_id[:12]}"
 
 
-# A threaded actor: the runner's calls, the gateway's loop and the lease thread share it.
 class GatewayClosing(SandboxError):
     """This node's gateway is leaving (idle); the caller starts a new one and retries."""
 
 
+# A threaded actor: the runner's calls, the gateway's loop and the lease thread share it.
 @ray.remote(num_cpus=0, max_concurrency=64, max_restarts=-1, max_task_retries=0)  # type: ignore[call-overload]
 class NodeGateway:
     """See the module doc."""
@@ -219,7 +158,7 @@ class NodeGateway:
 
     def _ledger(self) -> Any:
         try:
-            return _LedgerActorSink(ray.get_actor(LEDGER_NAME, namespace=NAMESPACE))
+            return LedgerActorSink(ray.get_actor(LEDGER_NAME, namespace=NAMESPACE))
         except ValueError:  # no ledger actor: this node writes its own segments
             from accounting.writer import LedgerWriter
 
@@ -396,11 +335,6 @@ class NodeGateway:
                 while len(self._closed) > _CLOSED_KEPT:
                     self._closed.popitem(last=False)
         return {"stop_reason": live.stop_reason if live else None, "errors": errors}
-
-    def budget_exceeded(self, ref: AttemptRef) -> bool:
-        with self._lock:
-            live = self._live.get(ref)
-            return live is not None and live.stop_reason == AttemptOutcome.BUDGET_EXCEEDED.value
 
     def flush(self) -> None:
         """Every row so far reached the ledger (tests, shutdown)."""

@@ -389,9 +389,8 @@ def sweep_sandboxes(
         except SandfleetError as e:
             failures.append(f"container {info.name}: {e}")
     workspaces: list[str] = []
-    attempts = [attempt] if attempt is not None else []
-    for n in attempts:
-        root = workspace_root(data_dir, batch, task, n)
+    if attempt is not None:
+        root = workspace_root(data_dir, batch, task, attempt)
         if root.exists():
             try:
                 remove_workspace(root)

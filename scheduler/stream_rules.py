@@ -32,6 +32,7 @@ from typing import Any
 from accounting.anomalies import Finding
 from accounting.policies import RULES, AnomalyPolicies, AnomalyRule, StuckRule
 from accounting.schemas import Charge, Event, EventKind, TaskState, TaskSummary
+from scheduler.state import TERMINAL_STATES
 from scheduler.stream_checks import (
     CostOutlier,
     CpuPegged,
@@ -50,11 +51,6 @@ __all__ = ["StreamRules", "finding_id", "stuck_subject"]
 _PROGRESS = frozenset(
     {EventKind.COMMAND_STARTED, EventKind.COMMAND_FINISHED, EventKind.FILE_CHANGED,
      EventKind.LLM_CALL}
-)  # fmt: skip
-_TERMINAL = frozenset(
-    {TaskState.SUCCEEDED, TaskState.FAILED, TaskState.OOM, TaskState.TIMED_OUT,
-     TaskState.CANCELLED, TaskState.BUDGET_EXCEEDED, TaskState.STOPPED_BY_RULE,
-     TaskState.REJECTED}
 )  # fmt: skip
 _TOKENS = ("input_uncached", "input_cache_read", "input_cache_write", "output", "reasoning")
 
@@ -170,7 +166,7 @@ class StreamRules:
         if self.stuck is not None:
             self.stuck.event(key, kind, ev.time, p)
         if kind is EventKind.TASK_STATE:
-            if TaskState(p["state"]) in _TERMINAL:
+            if TaskState(p["state"]) in TERMINAL_STATES:
                 self._end(key)
             return []
         return [f for name, hit in self._check(key, kind, ev.time, p)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from sandbox.debounce import Debouncer, RawChange
-from sandbox.file_watch import FileChange, FileWatcher, InotifyRecord, WatchRoot, parse_events
+from sandbox.file_watch import FileChange, FileWatcher, WatchRoot
+from sandbox.inotify import InotifyRecord, parse_events
 
 MS = 1_000_000
 

@@ -59,15 +59,7 @@ def policies_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def settings(cluster: str, data_dir: Path, policies_path: Path) -> Iterator[Settings]:
     yield Settings(data_dir=str(data_dir), policies_path=str(policies_path), poll_s=0.2)
-    from scheduler.node_attempt import close_node_gateways
-
-    close_node_gateways()  # a node's gateway writes for one data dir: the next test has its own
-    stop_fleet()
-    try:
-        keeper = ray.get_actor("budget", namespace="sandfleet")
-    except ValueError:
-        return
-    ray.kill(keeper, no_restart=True)
+    stop_fleet()  # its gateways, keeper and ledger too: the next test has its own data dir
     wait_actor_gone("budget")
 
 

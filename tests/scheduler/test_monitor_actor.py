@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -29,7 +29,7 @@ def cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
 
 
 def test_the_monitor_actor_serves_and_records_its_findings_in_the_ledger(
-    cluster: str, data_dir: Path
+    cluster: str, data_dir: Path, wait_for: Any
 ) -> None:
     ledger = get_ledger(str(data_dir))
     monitor = get_monitor("127.0.0.1", 0)
@@ -60,10 +60,8 @@ def test_the_monitor_actor_serves_and_records_its_findings_in_the_ledger(
             finally:
                 con.close()
 
-        deadline = time.monotonic() + 30
-        while not (rows := recorded()) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert rows == [("t1", "denied_egress")]
+        wait_for(lambda: bool(recorded()), timeout=30, what="the finding in the ledger")
+        assert recorded() == [("t1", "denied_egress")]
     finally:
         ray.kill(monitor)
         ray.get(ledger.close.remote())
@@ -71,7 +69,7 @@ def test_the_monitor_actor_serves_and_records_its_findings_in_the_ledger(
 
 
 def test_a_charge_the_ledger_already_had_is_not_teed_to_the_monitor_again(
-    cluster: str, data_dir: Path
+    cluster: str, data_dir: Path, wait_for: Any
 ) -> None:
     from datetime import UTC, datetime
     from decimal import Decimal
@@ -99,9 +97,7 @@ def test_a_charge_the_ledger_already_had_is_not_teed_to_the_monitor_again(
             with urllib.request.urlopen(url + "api/fleet", timeout=10) as r:
                 return str(json.loads(r.read())["spend"]["total"])
 
-        deadline = time.monotonic() + 30
-        while spend() != "0.000002" and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: spend() == "0.000002", timeout=30, what="the teed charges' spend")
         assert spend() == "0.000002"  # 2 x 1,000 nUSD, not 3
         ray.get(monitor.close.remote())
     finally:

@@ -165,26 +165,10 @@ def audit_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SANDFLEET_AUDIT_KEY", str(tmp_path / "keys" / "audit.pem"))
 
 
-def _kill(name: str) -> None:
-    from scheduler.testing import wait_actor_gone
-
-    try:
-        handle = ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:
-        return
-    ray.kill(handle, no_restart=True)
-    wait_actor_gone(name)
-
-
 @pytest.fixture
 def fleet(cluster: str, audit_key: None) -> Iterator[None]:
     yield
-    from scheduler.node_attempt import close_node_gateways
-
-    close_node_gateways()
-    stop_fleet()
-    for name in ("monitor", BUDGET_NAME):
-        _kill(name)
+    stop_fleet()  # the scheduler, gateways, keeper (or its stub), monitor and ledger
 
 
 @ray.remote(num_cpus=0)
