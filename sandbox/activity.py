@@ -25,7 +25,11 @@ since the last tick goes to the sink as one batch (so an event reaches the sink 
 about a tick), samples fall on whole seconds, and the file watcher is serviced on the
 same wake-ups.
 The command reader hands over a list of records per read (`NetlinkProcHub`'s batch
-callbacks); they become events in one pass.
+callbacks); they become events in one pass. When the sink takes Arrow tables
+(`takes_tables`, as `ledger_sink`'s does), the hub hands over a read's commands as
+`events` rows already (`CommandRows`: one Arrow batch made in C, identity columns and
+canonical JSON payloads included), and each tick's commands reach the sink as one
+`pa.Table`, with no Python object per command.
 
 Commands come from the kernel's process-events connector (`sandbox.proc_events`), or,
 where it is refused, from polling the container's processes (`sandbox.proc_poll`);
@@ -39,11 +43,13 @@ import os
 import time
 from collections import deque
 from collections.abc import Collection, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
+
+import pyarrow as pa
 
 from accounting.charging import resource_charges
 from accounting.errors import SandboxError
@@ -56,14 +62,16 @@ from sandbox.capture_records import (
     Record,
     Sink,
     capture_events,
+    event_rows,
+    event_time,
     ledger_sink,
+    takes_tables,
 )
 from sandbox.cgroup_stats import CgroupReader, CgroupSample, ResourceTotals, UsageIntegrator
 from sandbox.file_watch import FileWatcher, WatchRoot
 from sandbox.proc_hub import NetlinkProcHub
 from sandbox.proc_poll import PollingProcSource
 from sandbox.proc_table import CaptureMode
-from sandbox.proc_table import Record as ProcRecord
 from sandbox.sensitive_watch import SensitiveWatch
 
 __all__ = [
@@ -124,7 +132,7 @@ class ActivityCapture:
         self.cgroup = CgroupReader(container_id, keep_open=True)
         self.mode: CaptureMode | None = None
         self.report: CaptureReport | None = None
-        self.unsent: list[Record] = []  # batches the sink refused (see stop())
+        self.unsent: list[Record | pa.Table] = []  # batches the sink refused (see stop())
         # Records from the reader's, poller's and watchers' threads; drained on the loop.
         self._inbox: deque[object] = deque()
         self._flush_at: int | None = None  # the tick that looks at the inbox again
@@ -197,7 +205,11 @@ class ActivityCapture:
             hub = self._hub or NetlinkProcHub.shared()
             try:
                 self._lost_before = hub.lost
-                hub.subscribe(self.container_id, pids, self._take, batch=True)
+                if takes_tables(self.sink):  # commands come as rows (tables) made in C
+                    rows = event_rows(self.identity, self._offset_ns)
+                    hub.subscribe(self.container_id, pids, self._take, rows=rows)
+                else:
+                    hub.subscribe(self.container_id, pids, self._take, batch=True)
                 self._hub, self._subscribed, self.mode = hub, True, CaptureMode.NETLINK
                 return
             except SandboxError as e:
@@ -220,7 +232,7 @@ class ActivityCapture:
             raise SandboxError("activity capture was never started (call start() first)")
         self._stop_sources()
         self._finish_watcher()
-        batch: list[Record] = []
+        batch: list[Record | pa.Table] = []
         try:
             self._collect(batch, time.monotonic_ns(), final=True)
         except Exception as e:  # raised below; what was made is kept
@@ -293,8 +305,9 @@ class ActivityCapture:
 
     # -- on the loop: records in, events out ------------------------------------------
 
-    def _take(self, records: list[ProcRecord]) -> None:
-        """The hub's batch callback (its dispatch thread): one call per read."""
+    def _take(self, records: list[Any]) -> None:
+        """The hub's batch callback (its dispatch thread): one call per read (records,
+        or `CommandRows` among them)."""
         self._inbox.extend(records)
         self._loop.poke()
 
@@ -328,7 +341,7 @@ class ActivityCapture:
         # they go out on the grid, and a poke is needed only after a quiet tick.
         due = self._flush_at is not None and now_ns >= self._flush_at
         if self._inbox or due or now_ns >= self._next_sample_ns:
-            batch: list[Record] = []
+            batch: list[Record | pa.Table] = []
             try:
                 self._collect(batch, now_ns)
             except Exception as e:  # kept and raised by stop(); what was made is kept
@@ -344,7 +357,7 @@ class ActivityCapture:
                 deadline = d
         return deadline if deadline != _NEVER else None
 
-    def _collect(self, batch: list[Record], now_ns: int, final: bool = False) -> None:
+    def _collect(self, batch: list[Record | pa.Table], now_ns: int, final: bool = False) -> None:
         """Everything in the inbox as events into `batch`, and a sample when due."""
         inbox = self._inbox
         items = [inbox.popleft() for _ in range(len(inbox))]
@@ -366,18 +379,18 @@ class ActivityCapture:
             iv = self._interval_ns  # on whole intervals: captures sample on one wake-up
             self._next_sample_ns = (now_ns // iv + 1) * iv
 
-    def _deliver(self, batch: list[Record]) -> None:
+    def _deliver(self, batch: list[Record | pa.Table]) -> None:
         for i in range(0, len(batch), _BATCH):
             part = batch[i : i + _BATCH]
             try:
                 self.sink(part)
             except Exception as e:  # kept and raised by stop(); the batch is kept in .unsent
-                log.exception("the activity sink refused %d records", len(part))
+                log.exception("the activity sink refused %d records or tables", len(part))
                 self._errors.append(e)
                 self.unsent.extend(part)
 
     def _time(self, mono_ns: int) -> datetime:
-        return datetime.fromtimestamp((mono_ns + self._offset_ns) / 1e9, tz=UTC)
+        return event_time(mono_ns, self._offset_ns)
 
     def _make(self, mono_ns: int, kind: EventKind, payload: dict[str, Any]) -> Event:
         i = self.identity
@@ -386,10 +399,11 @@ class ActivityCapture:
             attempt=i.attempt, node=i.node, kind=kind, payload=payload,
         )  # fmt: skip
 
-    def _events(self, items: list[object], batch: list[Record]) -> bool:
+    def _events(self, items: list[object], batch: list[Record | pa.Table]) -> bool:
         """`items` as events appended to `batch` (`capture_events`). True when a sample
         is due because of them (the container emptied)."""
-        done = capture_events(items, self.identity, self._offset_ns, batch)
+        done = capture_events(items, self.identity, self._offset_ns, batch,
+                              want_pids=not self._other_watched)  # fmt: skip
         if not self._other_watched:
             for pid in done.started_pids:
                 self._other_watched = self._watch_other_writable(pid)

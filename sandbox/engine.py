@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ def docker_client(timeout: int = 120) -> Any:
 
     try:
         client = docker.from_env(timeout=timeout)
+        _reuse_connections(client.api)
         client.ping()
     except DockerException as e:
         raise EngineError(
@@ -32,6 +34,41 @@ def docker_client(timeout: int = 120) -> Any:
             "(it installs docker.io and starts dockerd), or start dockerd yourself"
         ) from None
     return client
+
+
+def _reuse_connections(api: Any) -> None:
+    """Let the requests of a unix-socket client reuse their connections.
+
+    docker-py keeps one connection pool per URL, so every request about another
+    container (create, start, wait, logs, inspect, remove: each its own URL) opened a
+    socket of its own, and the 26th pool closed the oldest; one pool for the socket
+    reuses them. Its session also skips `~/.netrc` and the proxy variables on every
+    request: neither means anything on a unix socket."""
+    from docker.transport import UnixHTTPAdapter
+
+    adapter = api.adapters.get("http+docker://")
+    if type(adapter) is not UnixHTTPAdapter:
+        return  # tcp or ssh: pooled by host already
+    api.trust_env = False
+    shared = _socket_pool_adapter()(f"http+unix://{adapter.socket_path}", adapter.timeout,
+                                    max_pool_size=adapter.max_pool_size)  # fmt: skip
+    api.mount("http+docker://", shared)
+    api._custom_adapter = shared  # what docker-py falls back to for its own schemes
+    adapter.close()
+
+
+@functools.cache
+def _socket_pool_adapter() -> type:
+    """The adapter class (made on first use: docker is imported only when needed)."""
+    from docker.transport import UnixHTTPAdapter
+
+    class SocketPool(UnixHTTPAdapter):
+        """One connection pool for the engine's socket, whatever the URL."""
+
+        def get_connection(self, url: str, proxies: Any = None) -> Any:
+            return super().get_connection("http+docker://localhost", proxies)
+
+    return SocketPool
 
 
 def engine_version() -> str | None:

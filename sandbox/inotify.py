@@ -1,7 +1,8 @@
 """Linux inotify, the primitives: its constants, libc's calls (`Inotify`), the records
-one read returns (`parse_events`, `read_queued`) and the thread a watcher runs on
-(`WatchThread`). Used by `sandbox.file_watch` (workspace changes) and
-`sandbox.sensitive_watch` (reads of credential files).
+one read returns (`parse_events`, `read_queued`) and the thread a watcher may run on
+(`WatchThread`: `sandbox.file_watch`'s, outside the capture loop). Used by
+`sandbox.file_watch` (workspace changes) and `sandbox.sensitive_watch` (reads of
+credential files), both serviced on the node's capture loop.
 """
 
 from __future__ import annotations

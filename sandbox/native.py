@@ -10,6 +10,11 @@
 `sandbox.proc_hub` runs the first that can be had and starts, else the Python reader
 (`python -m sandbox.proc_events`), which does the connector's work for far more CPU.
 
+`records_library()` loads the decoder of their records (`sandbox/native/records.c`, a
+shared library: a run of command records as one Arrow batch of ledger `events` rows,
+`sandbox.proc_table.EventDecoder`); None without a compiler, and then the same decoding
+runs in Python.
+
 Both readers include `native/reader_common.h` (the records they write, the table of
 watched containers, the /proc reads). Binaries live in `accounting.native.build_dir()`
 (`build/native/` in a checkout, or `$SANDFLEET_NATIVE_DIR`), named after a hash of the
@@ -19,8 +24,10 @@ source and the headers it includes, so an edited source or header is never run s
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import Final
 
@@ -31,11 +38,14 @@ __all__ = [
     "EBPF_LOADER",
     "EBPF_PROGRAM",
     "READER_HEADER",
+    "RECORDS",
     "SOURCE",
     "build_ebpfmon",
     "build_procmon",
+    "build_records",
     "ebpfmon_argv",
     "procmon_path",
+    "records_library",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,6 +55,10 @@ EBPF_PROGRAM: Final = SOURCE.parent / "ebpfmon.bpf.c"
 EBPF_LOADER: Final = SOURCE.parent / "ebpfmon.c"
 EBPF_HEADER: Final = SOURCE.parent / "ebpfmon.h"
 READER_HEADER: Final = SOURCE.parent / "reader_common.h"
+RECORDS: Final = SOURCE.parent / "records.c"
+_records_lock = threading.Lock()
+_records_lib: ctypes.CDLL | None = None
+_records_tried = False
 
 
 def build_procmon(source: Path = SOURCE) -> Path:
@@ -101,6 +115,32 @@ def ebpfmon_argv() -> list[str] | None:
         return None
 
 
+def build_records() -> Path:
+    """Compile the records decoder unless already built; its path (`NativeBuildError`)."""
+    return compiled(RECORDS, shared=True)
+
+
+def records_library() -> ctypes.CDLL | None:
+    """The records decoder, built and loaded once; None when it cannot be (logged)."""
+    global _records_lib, _records_tried
+    if _records_tried:  # the hot path: no lock once decided
+        return _records_lib
+    with _records_lock:
+        if not _records_tried:
+            try:
+                lib = ctypes.CDLL(str(build_records()))
+                p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64  # (see records.c)
+                fn = lib.sandfleet_decode_events
+                fn.argtypes = [p, i64, i64, p, p, i32, p, p, p, p]
+                fn.restype = i64
+                _records_lib = lib
+            except (NativeBuildError, OSError) as e:
+                log.warning("native records decoder unavailable (%s); decoding in Python", e)
+            finally:
+                _records_tried = True  # after `_records_lib`: the unlocked check sees it whole
+        return _records_lib
+
+
 def main() -> int:
     """`make setup`: build both readers now; a failure is reported, not fatal."""
     try:
@@ -111,6 +151,10 @@ def main() -> int:
         print(f"setup: native process-events reader {build_procmon()}")
     except (SandboxError, OSError) as e:
         print(f"setup: {e}", file=sys.stderr)  # not fatal: the Python reader runs
+    try:
+        print(f"setup: native records decoder {build_records()}")
+    except (NativeBuildError, OSError) as e:
+        print(f"setup: records decoder unavailable, Python decodes: {e}", file=sys.stderr)
     return 0
 
 

@@ -16,7 +16,14 @@ protocol (`sandbox/native/procmon.c` describes it).
 container; callbacks receive `CommandStarted` / `CommandFinished` / `ContainerEmpty`
 records (`sandbox.proc_table`) on the hub's dispatch thread — keep them short. With
 `batch=True` the callback receives a list instead: the container's records from one
-read of the reader's output (in order), one call per read, not per record. When
+read of the reader's output (in order), one call per read, not per record. Given
+`rows` (`EventRows`: the container's ledger identity and clock offset) the list holds,
+in order, `CommandRows` (a run of the container's command records as ledger `events`
+rows in one Arrow batch, made in C: `sandbox.proc_table.EventDecoder`) and
+`ContainerEmpty` records: no Python object per command. A read shorter than
+`columns_from` bytes (some thirty records, whose objects cost less than a batch's
+fixed cost) comes as record objects all the same, so such a callback takes both. Either
+way, what came before an ack is delivered before it. When
 the kernel refuses the connector, `subscribe` raises `SandboxError` and the caller
 falls back to `sandbox.proc_poll`.
 """
@@ -34,7 +41,16 @@ from pathlib import Path
 from typing import Any, Final, Literal, cast
 
 from accounting.errors import SandboxError
-from sandbox.proc_table import REC_ACK, REC_LOST, Record, unpack_records
+from sandbox.proc_table import (
+    REC_ACK,
+    REC_LOST,
+    CommandRows,
+    ContainerEmpty,
+    EventDecoder,
+    EventRows,
+    Record,
+    unpack_records,
+)
 
 __all__ = ["NetlinkProcHub"]
 
@@ -42,10 +58,12 @@ log = logging.getLogger(__name__)
 
 Callback = Callable[[Record], None]
 BatchCallback = Callable[[list[Record]], None]
+RowsCallback = Callable[[list[Record | CommandRows]], None]
 ReaderKind = Literal["auto", "ebpf", "native", "python"]
 _KINDS: Final = ("auto", "ebpf", "native", "python")
 _START_TIMEOUT_S: Final = 30.0
 _LINGER_S: Final = 30.0
+_COLUMNS_FROM: Final = 4096  # bytes of a read (~35 records) from which rows in C pay off
 _PYTHON_READER: Final = [sys.executable, "-m", "sandbox.proc_events"]
 
 
@@ -57,16 +75,19 @@ class NetlinkProcHub:
 
     def __init__(
         self, argv: list[str] | None = None, reader: ReaderKind | None = None,
-        linger_s: float = _LINGER_S,
+        linger_s: float = _LINGER_S, columns_from: int = _COLUMNS_FROM,
     ) -> None:  # fmt: skip
         self.argv = argv  # None: the reader `reader` asks for
         # the reader outlives its last subscriber this long: the node's next attempt
         # starts capturing at once instead of spawning (and loading) a reader again
         self.linger_s = linger_s
         self._idle_timer: threading.Timer | None = None
+        self.columns_from = columns_from  # reads shorter than this come as record objects
         self.want: ReaderKind = reader or _reader_from_env()
         self._lock = threading.Lock()
         self._callbacks: dict[str, BatchCallback] = {}
+        self._columnar: frozenset[str] = frozenset()  # subscribers that take CommandRows
+        self._decoder = EventDecoder()
         self._acks: dict[str, threading.Event] = {}
         self._failed: dict[str, BaseException] = {}
         self._proc: subprocess.Popen[bytes] | None = None
@@ -92,17 +113,23 @@ class NetlinkProcHub:
         self,
         container_id: str,
         pids: list[int],
-        callback: Callback | BatchCallback,
+        callback: Callback | BatchCallback | RowsCallback,
         *,
         batch: bool = False,
+        rows: EventRows | None = None,
     ) -> None:
         """Deliver the records of `container_id` (whose live processes are `pids`), one
-        by one, or with `batch` a list per read of the reader's output.
+        by one, or with `batch` a list per read of the reader's output, or with `rows` a
+        list per read of `CommandRows` (made with `rows`) and records (see the module doc).
 
         Returns once the reader watches the container. Raises `SandboxError` when the
         connector is refused (then use `sandbox.proc_poll`).
         """
-        deliver = cast(BatchCallback, callback) if batch else _each(cast(Callback, callback))
+        deliver = (
+            cast(BatchCallback, callback)
+            if batch or rows is not None
+            else _each(cast(Callback, callback))
+        )
         with self._lock:
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
@@ -113,6 +140,11 @@ class NetlinkProcHub:
             if self._proc is None:
                 self._spawn()
             self._callbacks[container_id] = deliver
+            self._decoder.set(container_id, rows)
+            if rows is not None:
+                self._columnar = self._columnar | {container_id}
+            else:
+                self._columnar = self._columnar - {container_id}
             acked = self._acks[container_id] = threading.Event()
             self._send(f"watch {container_id} {','.join(map(str, pids))}")
         if not acked.wait(_START_TIMEOUT_S):
@@ -140,6 +172,8 @@ class NetlinkProcHub:
             log.warning("the process-events reader did not confirm unwatch %s", container_id[:12])
         with self._lock:
             self._callbacks.pop(container_id, None)
+            self._columnar = self._columnar - {container_id}
+            self._decoder.set(container_id, None)
             self._acks.pop(container_id, None)
             idle = not self._callbacks and self._proc is not None
             if idle and self.linger_s > 0:
@@ -320,32 +354,75 @@ class NetlinkProcHub:
         pending = b""
         while chunk := stream.read1(1 << 16):
             data = pending + chunk if pending else chunk
-            records, used = unpack_records(data)
+            columns = self._columnar and len(data) >= self.columns_from
+            used = self._columns(data) if columns else self._objects(data)
             pending = data[used:]
-            batches: dict[str, list[Record]] = {}
-            for kind, cid, rec in records:
-                if rec is not None:
-                    got = batches.get(cid)
-                    if got is None:
-                        batches[cid] = [rec]
-                    else:
-                        got.append(rec)
-                    continue
-                if batches:  # what came before an ack is delivered before it
-                    self._deliver(batches)
-                    batches = {}
-                if kind == REC_ACK:
-                    with self._lock:
-                        acked = self._acks.get(cid)
-                    if acked is not None:
-                        acked.set()
-                elif kind == REC_LOST:
-                    self.lost += 1
-                    log.warning("process-events connector overran; some commands were lost")
-            if batches:
-                self._deliver(batches)
 
-    def _deliver(self, batches: dict[str, list[Record]]) -> None:
+    def _objects(self, data: bytes) -> int:
+        """One read's records as record objects (for every subscriber)."""
+        records, used = unpack_records(data)
+        batches: dict[str, list[Any]] = {}
+        for kind, cid, rec in records:
+            if rec is not None:
+                got = batches.get(cid)
+                if got is None:
+                    batches[cid] = [rec]
+                else:
+                    got.append(rec)
+                continue
+            if batches:  # what came before an ack is delivered before it
+                self._deliver(batches)
+                batches = {}
+            self._control(kind, cid)
+        if batches:
+            self._deliver(batches)
+        return used
+
+    def _columns(self, data: bytes) -> int:
+        """One read's records for subscribers that take `CommandRows` (and, from the
+        same bytes, as objects for any that do not): runs of commands are decoded in C."""
+        decode = self._decoder.decode
+        columnar = self._columnar
+        batches: dict[str, list[Any]] = {}
+        off = 0
+        while True:
+            runs, end = decode(data, off)
+            if end > off:
+                for cid, rows in runs:
+                    if cid in columnar:
+                        batches.setdefault(cid, []).append(rows)
+                if len(columnar) < len(self._callbacks):  # some subscriber wants objects
+                    for _, cid, rec in unpack_records(data[off:end])[0]:
+                        if cid not in columnar:
+                            batches.setdefault(cid, []).append(rec)
+                off = end
+            # then one record of another kind (a run ends only there, or at the end)
+            one, off = unpack_records(data, start=off, count=1)
+            if not one:
+                break
+            kind, cid, rec = one[0]
+            if isinstance(rec, ContainerEmpty):
+                batches.setdefault(cid, []).append(rec)
+                continue
+            if batches:  # what came before an ack is delivered before it
+                self._deliver(batches)
+                batches = {}
+            self._control(kind, cid)
+        if batches:
+            self._deliver(batches)
+        return off
+
+    def _control(self, kind: int, cid: str) -> None:
+        if kind == REC_ACK:
+            with self._lock:
+                acked = self._acks.get(cid)
+            if acked is not None:
+                acked.set()
+        elif kind == REC_LOST:
+            self.lost += 1
+            log.warning("process-events connector overran; some commands were lost")
+
+    def _deliver(self, batches: dict[str, list[Any]]) -> None:
         callbacks = self._callbacks  # read without the lock: a dict get is atomic
         for cid, recs in batches.items():
             cb = callbacks.get(cid)

@@ -28,15 +28,14 @@ import logging
 import os
 import queue
 import re
-import select
 import stat
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from accounting.errors import SandboxError
 from sandbox.canaries import CanarySet, load_canaries
+from sandbox.capture_loop import CaptureLoop
 from sandbox.file_watch import FileChange
 from sandbox.inotify import (
     IN_ACCESS,
@@ -45,7 +44,6 @@ from sandbox.inotify import (
     IN_OPEN,
     IN_Q_OVERFLOW,
     Inotify,
-    WatchThread,
     read_queued,
 )
 
@@ -112,10 +110,35 @@ class AccessDebouncer:
         return self.due(1 << 62)
 
 
-class SensitiveWatch(WatchThread):
-    """Watches canary files and the sandbox's readable credential files (module doc)."""
+_patterns: dict[str, tuple[tuple[int, int], tuple[str, ...]]] = {}
 
-    THREAD_NAME = "sandfleet-reads"
+
+def credential_patterns() -> tuple[str, ...]:
+    """`configs/policies.yaml`'s credential patterns, parsed again only when the file
+    changed (every attempt asks; parsing the YAML took longer than the rest of its
+    capture's start)."""
+    from accounting.config import configs_dir
+    from accounting.policies import load_policies
+
+    path = configs_dir() / "policies.yaml"
+    try:
+        st = os.stat(path)
+    except OSError:  # load_policies says what is wrong with it
+        st = None
+    key = (st.st_mtime_ns, st.st_size) if st is not None else (0, 0)
+    known = _patterns.get(str(path))
+    if st is None or known is None or known[0] != key:
+        found = tuple(load_policies(path).anomalies.sensitive_files.credential_patterns)
+        _patterns[str(path)] = known = (key, found)
+    return known[1]
+
+
+class SensitiveWatch:
+    """Watches canary files and the sandbox's readable credential files (module doc).
+
+    A job of the node's shared capture loop (`sandbox.capture_loop`), not a thread of
+    its own: `start` adds it, `stop` removes it and reports what is still pending."""
+
     WHAT = "watching credential reads"
 
     def __init__(
@@ -127,20 +150,19 @@ class SensitiveWatch(WatchThread):
         gather_s: float = 0.05,
         repeat_s: float = 10.0,
         search: Sequence[str] = ROOT_SEARCH,
+        loop: CaptureLoop | None = None,
     ) -> None:
         self.callback = callback
         self.canaries = canaries
         self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
         self.search = tuple(search)
         self.debouncer = AccessDebouncer(int(gather_s * 1e9), int(repeat_s * 1e9))
+        self._loop = loop if loop is not None else CaptureLoop.shared()
         self._inotify = Inotify()
         self._fd = self._inotify.init()
-        self._wake_r, self._wake_w = os.pipe()
         self._wds: dict[int, tuple[str, int]] = {}  # wd -> (path in the sandbox, size)
         self._pids: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._stopping = threading.Event()
-        self._fds_lock = threading.Lock()  # watch_root() may race close()
-        self._thread: threading.Thread | None = None
+        self._running = False
         self.watched: list[str] = []  # sandbox paths, canaries first
         self.overflows = 0
         self.error: BaseException | None = None
@@ -155,10 +177,7 @@ class SensitiveWatch(WatchThread):
     def beside(cls, workspace: str, callback: Callable[[FileChange], None]) -> SensitiveWatch:
         """The watch for the attempt whose checkout is `workspace`: its canaries (if any
         were planted) and the credential patterns of `configs/policies.yaml`."""
-        from accounting.policies import load_policies
-
-        patterns = load_policies().anomalies.sensitive_files.credential_patterns
-        return cls(callback, load_canaries(workspace), patterns)
+        return cls(callback, load_canaries(workspace), credential_patterns())
 
     def known_under(self, prefix: str) -> frozenset[str]:
         """What the canaries put under sandbox dir `prefix` (see `CanarySet.known_under`)."""
@@ -174,14 +193,11 @@ class SensitiveWatch(WatchThread):
 
     def watch_root(self, pid: int) -> None:
         """Search the root of the container `pid` is in for readable credential files and
-        watch them (on the watch's thread; thread-safe)."""
+        watch them (on the loop's thread; thread-safe)."""
         if self.pattern is None or not self.search:
             return
-        with self._fds_lock:
-            if self._wake_w < 0:  # stopped meanwhile: there is nothing left to watch
-                return
-            self._pids.put(pid)
-            os.write(self._wake_w, b"p")
+        self._pids.put(pid)
+        self._loop.poke()
 
     def _search_root(self, pid: int) -> None:
         try:
@@ -218,31 +234,51 @@ class SensitiveWatch(WatchThread):
         if stat.S_ISREG(st.st_mode) and readable_by(st):
             self._watch(f"/proc/self/fd/{dfd}/{name}".encode(), path, st.st_size)
 
-    # -- the thread ---------------------------------------------------------------------
+    # -- on the capture loop ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._running = True
+        self._loop.add(self)
+
+    def stop(self) -> None:
+        """Report everything still pending, then stop. Raises what stopped the watch."""
+        if self._running:
+            self._loop.remove(self)  # from here on this thread is the only one
+            self._running = False
+            if self.error is None:
+                try:
+                    self._search_pending()
+                    self.read_once()
+                    self._report(self.debouncer.drain())
+                except Exception as e:  # raised below, after the descriptor is closed
+                    self.error = e
+        self.close()
+        if self.error is not None:
+            raise SandboxError(f"{self.WHAT} failed: {self.error}") from self.error
 
     def close(self) -> None:
-        with self._fds_lock:
-            for fd in (self._fd, self._wake_r, self._wake_w):
-                if fd >= 0:
-                    os.close(fd)
-            self._fd = self._wake_r = self._wake_w = -1
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
-    def _run(self) -> None:
+    def wait_fds(self) -> tuple[int, ...]:
+        return (self._fd,) if self.error is None and self._fd >= 0 else ()
+
+    def tick(self, now_ns: int, ready: Collection[int] = ()) -> int | None:
+        """Run by the loop: search the roots asked for, read what inotify queued, report
+        the accesses whose gather time is over; returns when the next one falls due."""
+        if self.error is not None:
+            return None
         try:
-            while not self._stopping.is_set():
-                due = self.debouncer.next_due_ns()
-                timeout = None if due is None else max(0.0, (due - time.monotonic_ns()) / 1e9)
-                ready, _, _ = select.select([self._fd, self._wake_r], [], [], timeout)
-                if self._wake_r in ready:
-                    os.read(self._wake_r, 4096)
-                    self._search_pending()
+            self._search_pending()
+            if self._fd in ready:
                 self.read_once()
-                self._report(self.debouncer.due(time.monotonic_ns()))
-            self.read_once()
-            self._report(self.debouncer.drain())
+            self._report(self.debouncer.due(now_ns))
         except Exception as e:  # stop() raises it
             log.exception("watching credential reads stopped")
             self.error = e
+            return None
+        return self.debouncer.next_due_ns()
 
     def _search_pending(self) -> None:
         while True:

@@ -216,6 +216,11 @@ class BudgetKeeper:
     def spent(self, scope: str, key: str) -> int:
         return self._book.spent(scope, key)
 
+    def exhausted(self, batches: list[str], teams: list[str]) -> list[bool]:
+        """`batch_exhausted` of each batch, then `team_exhausted` of each team: the
+        scheduler's question of every half second, in one call."""
+        return [self.batch_exhausted(b) for b in batches] + [self.team_exhausted(t) for t in teams]
+
     def batch_exhausted(self, batch_id: str) -> bool:
         """True once the batch's cap is spent, or refused with nothing in flight."""
         return self._exhausted("batch", batch_id)

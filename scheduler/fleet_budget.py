@@ -140,8 +140,7 @@ class BudgetGate:
             batches = book.waiting_batches()
             teams = sorted(book.waiting_teams())
             try:
-                refs = [keeper.batch_exhausted.remote(b) for b in batches]
-                refs += [keeper.team_exhausted.remote(t) for t in teams]
+                refs = [keeper.exhausted.remote(batches, teams)]  # one call for all of them
             except RayError as e:
                 self._failed(e)
                 return False
@@ -158,7 +157,7 @@ class BudgetGate:
         try:
             if question.waiting:
                 raise GetTimeoutError(f"no answer in {TIMEOUT_S:.0f}s")
-            answers = ray.get(question.refs)
+            (answers,) = ray.get(question.refs)
         except (GetTimeoutError, RayError) as e:
             with self._lock:
                 if self._question is question:

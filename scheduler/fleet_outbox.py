@@ -12,17 +12,25 @@ overtakes one sent earlier.
 `send(settle=True)` ships now and waits until the ledger accepted every row sent so far;
 `durable=True` also waits until it is on disk. A refused write raises, there or at the
 next wait. Not thread-safe: the scheduler calls it under its lock.
+
+`LedgerSender` is the same outbox sending on a thread of its own, for callers that must
+not wait on the ledger at all (the node gateway: its captures' sinks run on the node's
+shared capture loop, and a sandbox's last rows must not hold up its removal).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
 import ray
 
-__all__ = ["SEND_EVERY_S", "SEND_ROWS", "LedgerOutbox"]
+__all__ = ["SEND_EVERY_S", "SEND_ROWS", "LedgerOutbox", "LedgerSender"]
+
+log = logging.getLogger(__name__)
 
 SEND_EVERY_S: Final = 0.25  # rows reach the ledger actor at most this late
 SEND_ROWS: Final = 4096  # ... or once this many rows wait
@@ -80,3 +88,56 @@ class LedgerOutbox:
         elif len(self._writes) > _IN_FLIGHT:  # back-pressure, and surface errors early
             done, self._writes = ray.wait(self._writes, num_returns=len(self._writes), timeout=0)
             ray.get(done)
+
+
+class LedgerSender:
+    """A `LedgerOutbox` on a thread: `append` queues and returns, rows go out every
+    `every_s`; `flush()` sends now and waits until the ledger accepted everything.
+
+    A refused write is logged and raised by the next `append` or `flush`: the node's
+    gateway then fails closed, as it did when every append waited. Thread-safe.
+    """
+
+    def __init__(self, ledger: Any, *, every_s: float = 0.1) -> None:
+        self._outbox = LedgerOutbox(ledger, every_s=every_s)
+        self._every_s = every_s
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ledger-sender", daemon=True)
+        self._thread.start()
+
+    def append(self, table: str, rows: Any) -> int:
+        self._raise()
+        with self._lock:
+            self._outbox.add([(table, rows)])
+        return len(rows)
+
+    def flush(self) -> None:
+        """Send what waits and wait until the ledger accepted every row so far."""
+        with self._lock:
+            self._send(settle=True)
+        self._raise()
+
+    def close(self) -> None:
+        """Stop the thread after a last flush."""
+        self._stop.set()
+        self._thread.join()
+        self.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every_s):
+            with self._lock:
+                self._send()
+
+    def _send(self, *, settle: bool = False) -> None:
+        try:
+            self._outbox.send(settle=settle)
+        except Exception as e:  # raised to the next caller
+            log.error("the ledger refused the node's rows: %s", e)
+            if self._error is None:
+                self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error

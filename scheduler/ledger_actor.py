@@ -6,10 +6,12 @@ offers the head resource. Callers append batches of rows (records, mappings or a
 table) and flush; one actor is one audit chain (a restarted actor starts a new chain).
 
 The tee: every batch the writer accepted is also sent to the Monitor actor (`monitor`
-in the same namespace) when one runs, fire and forget (`ingest.remote`, never waited
-for: the Monitor appends its findings back here). The Monitor is looked up lazily and
-again every `_MONITOR_LOOKUP_S`; while it lags more than `_TEE_MAX_PENDING` calls
-behind, batches are not teed (counted in `tee_stats`), so the ledger never waits on it.
+in the same namespace) when one runs, fire and forget (`ingest_many.remote`, never
+waited for: the Monitor appends its findings back here). Batches are gathered and sent
+at most every `_TEE_EVERY_S` (100 ms) in one call: submitting a Ray call per append
+was the ledger actor's largest cost. The Monitor is looked up lazily and again every
+`_MONITOR_LOOKUP_S`; while it lags more than `_TEE_MAX_PENDING` calls behind, batches
+are not teed (counted in `tee_stats`), so the ledger never waits on it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Final
@@ -37,7 +40,8 @@ HEAD_RESOURCE: Final = "sandfleet_head"
 MONITOR_NAME: Final = "monitor"  # scheduler.monitor_actor's actor
 _TEED: Final = frozenset({"events", "charges", "tasks"})
 _MONITOR_LOOKUP_S: Final = 2.0
-_TEE_MAX_PENDING: Final = 1000
+_TEE_MAX_PENDING: Final = 100
+_TEE_EVERY_S: Final = 0.1
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +64,14 @@ class LedgerActor:
         )
         self._monitor: Any = None
         self._monitor_at = -_MONITOR_LOOKUP_S
-        self._tee_pending: list[Any] = []
+        self._tee_pending: list[Any] = []  # calls not yet known to have ended
+        self._tee_waiting: list[tuple[str, Rows]] = []  # batches gathered for the next call
+        self._tee_at = 0.0
+        self._tee_lock = threading.Lock()  # the actor's thread and the tee's timer
         self._tee_sent = 0
+        self._tee_calls = 0
         self._tee_dropped = 0
+        threading.Thread(target=self._tee_timer, name="ledger-tee", daemon=True).start()
 
     def data_dir(self) -> str:
         return self._data_dir
@@ -88,13 +97,16 @@ class LedgerActor:
         return n
 
     def tee_stats(self) -> dict[str, Any]:
-        """Batches sent to the Monitor, dropped while it lagged, and still in flight."""
-        return {
-            "monitor": self._monitor is not None,
-            "sent": self._tee_sent,
-            "dropped": self._tee_dropped,
-            "pending": len(self._tee_pending),
-        }
+        """Batches sent to the Monitor (in how many calls), dropped while it lagged, and
+        calls still in flight."""
+        with self._tee_lock:
+            return {
+                "monitor": self._monitor is not None,
+                "sent": self._tee_sent,
+                "calls": self._tee_calls,
+                "dropped": self._tee_dropped,
+                "pending": len(self._tee_pending),
+            }
 
     # -- the tee -------------------------------------------------------------------------
 
@@ -111,10 +123,27 @@ class LedgerActor:
         return self._monitor
 
     def _tee(self, batches: list[tuple[str, Rows]]) -> None:
-        """Send accepted rows to the Monitor, fire and forget (see the module doc)."""
+        """Gather accepted rows for the Monitor; send them when the last call is
+        `_TEE_EVERY_S` old (the timer sends what a quiet spell left)."""
         batches = [(t, rows) for t, rows in batches if t in _TEED]
         if not batches:
             return
+        with self._tee_lock:
+            self._tee_waiting.extend(batches)
+            if time.monotonic() - self._tee_at >= _TEE_EVERY_S:
+                self._send_tee()
+
+    def _tee_timer(self) -> None:
+        while True:
+            time.sleep(_TEE_EVERY_S)
+            with self._tee_lock:
+                if self._tee_waiting:
+                    self._send_tee()
+
+    def _send_tee(self) -> None:
+        """One fire-and-forget call with every batch gathered (the tee lock held)."""
+        batches, self._tee_waiting = self._tee_waiting, []
+        self._tee_at = time.monotonic()
         monitor = self._monitor_handle()
         if monitor is None:
             return
@@ -122,14 +151,14 @@ class LedgerActor:
             _, self._tee_pending = ray.wait(
                 self._tee_pending, num_returns=len(self._tee_pending), timeout=0
             )
-        for table, rows in batches:
-            if len(self._tee_pending) >= _TEE_MAX_PENDING:
-                self._tee_dropped += 1
-                if self._tee_dropped == 1 or self._tee_dropped % 1000 == 0:
-                    log.warning("the Monitor lags: %d batches not teed", self._tee_dropped)
-                continue
-            self._tee_pending.append(monitor.ingest.remote(table, rows))
-            self._tee_sent += 1
+        if len(self._tee_pending) >= _TEE_MAX_PENDING:
+            self._tee_dropped += len(batches)
+            if self._tee_dropped == len(batches) or self._tee_dropped % 1000 < len(batches):
+                log.warning("the Monitor lags: %d batches not teed", self._tee_dropped)
+            return
+        self._tee_pending.append(monitor.ingest_many.remote(batches))
+        self._tee_sent += len(batches)
+        self._tee_calls += 1
 
     def flush(self) -> int:
         """Make every row appended so far durable; returns the rows written so far."""

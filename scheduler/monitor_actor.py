@@ -6,7 +6,7 @@ serves it with a `DashboardServer` (host/port, default 127.0.0.1:8266); a ticker
 runs the time-based rules every `tick_s`.
 
 Wiring (done by the scheduler side):
-- the `LedgerActor` tees every appended batch: `monitor.ingest.remote(table, rows)`
+- the `LedgerActor` tees what it appended, every 100 ms: `monitor.ingest_many.remote(batches)`
   (fire and forget: never `ray.get` it while holding the writer);
 - findings go back to the ledger through the `ledger` actor (`append.remote`);
 - `stop` actions call the `fleet-scheduler` actor's `cancel("batch/task")`.
@@ -86,6 +86,10 @@ class Monitor:
     def ingest(self, table: str, rows: Sequence[Any] | pa.Table) -> int:
         """Fold a batch of ledger rows in; returns how many new findings it made."""
         return len(self.core.ingest(rows, table))
+
+    def ingest_many(self, batches: list[tuple[str, Sequence[Any] | pa.Table]]) -> int:
+        """Several tables' batches, in order (the ledger's tee); new findings made."""
+        return sum(len(self.core.ingest(rows, table)) for table, rows in batches)
 
     def url(self) -> str:
         return self.server.url if self.server is not None else ""

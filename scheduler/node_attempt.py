@@ -4,7 +4,10 @@ Inside the `run_attempt` Ray task, `with node_attempt(request) as hooks:` opens 
 attempt on this node's `NodeGateway` (compute lease, task token, socket) and yields the
 `AttemptHooks` that wire its sandbox to it: the socket directory and the forwarder
 mounted read-only, the agent's endpoint environment, the forwarder wrapped around the
-command, activity capture from create to exit. The attempt is closed on the gateway
+command, activity capture from create to exit. An attempt with nothing to forward (no
+model, no egress) has an empty channel, so its open is sent without waiting and answers
+while the workspace and the container are made; it is awaited (a BudgetError raised)
+before the capture starts, so before the sandbox does. The attempt is closed on the gateway
 afterwards (lease settled, token revoked, socket removed), whatever happened: sent as
 soon as the capture stopped, so it runs while the runner removes the sandbox, and
 awaited (its errors raised) when the attempt ends.
@@ -20,6 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import ray
@@ -134,10 +138,31 @@ def node_attempt(
         models=(model,) if model else (), egress=tuple(request.template.network_allowlist),
         task_type=task_type,
     )  # fmt: skip
-    gw, channel = _open(request, grant, gateway)
+    opening: list[Any] = []  # an open still in flight
+    if grant.models or grant.egress:
+        gw, channel = _open(request, grant, gateway)
+    else:  # nothing to forward, so the channel is empty: it opens while the sandbox is made
+        gw = gateway if gateway is not None else gateway_for_this_node(request.data_dir)
+        res = request.template.resources
+        opening.append(gw.open_attempt.remote(grant, res.cpus, res.memory))
+        channel = NodeChannel(ref, "", {}, {}, ())
     node = ray.get_runtime_context().get_node_id()
     identity = CaptureIdentity(ref.team, ref.batch, ref.task, ref.attempt, node, task_type)
     closing: list[Any] = []  # the close, sent as soon as the capture stopped
+
+    def created(container_id: str, workspace: Path) -> None:
+        nonlocal gw
+        if opening:  # its answer (a BudgetError raised) comes before the sandbox starts
+            from ray.exceptions import RayActorError
+
+            try:
+                get(opening.pop())
+            except (GatewayClosing, RayActorError):
+                if gateway is not None:
+                    raise
+                _handles.pop(node, None)
+                gw, _ = _open(request, grant, None)  # it was leaving (idle): a new one
+        get(gw.start_capture.remote(container_id, str(workspace), identity))
 
     def finished(container_id: str) -> Any:
         report = get(gw.stop_capture.remote(container_id))
@@ -152,12 +177,15 @@ def node_attempt(
             volumes=channel.volumes,
             env=channel.env,
             wrap_command=channel.wrap,
-            on_created=lambda cid, ws: get(gw.start_capture.remote(cid, str(ws), identity)),
+            on_created=created,
             on_finished=finished,
         )
         failed = False
     finally:
         try:
+            if opening:  # the attempt ended before its sandbox was made: let it answer
+                with contextlib.suppress(SandfleetError, ray.exceptions.RayError):
+                    get(opening.pop())  # (refused, or the gateway is gone: nothing to close)
             get(closing[0] if closing else gw.close_attempt.remote(ref))
         except (SandfleetError, ray.exceptions.RayError) as e:
             if not failed:

@@ -1,19 +1,24 @@
-"""What one attempt gets from the node gateway (`NodeChannel`), what it is charged
-(`Tally`, summed from the rows sent to the ledger), and the ledger those rows go to when
-the driver runs one (`LedgerActorSink`, on the `ledger` actor). Parts of
-`scheduler.node_gateway`, kept apart so that module holds only the actor."""
+"""What one attempt gets from the node gateway (`NodeChannel`) and what it is charged
+(`Tally`, summed from the rows sent to the ledger). Parts of `scheduler.node_gateway`,
+kept apart so that module holds only the actor."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Final
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from sandbox.credentials import AttemptRef
 
-__all__ = ["LedgerActorSink", "NodeChannel", "Tally"]
+__all__ = ["NodeChannel", "Tally"]
 
-_CALL_TIMEOUT_S: Final = 120.0
+_IDENTITY: Final = ("team", "batch", "task", "attempt")
+_TALLIED_KINDS: Final = pa.array(["resource_sample", "llm_call"])  # what `Tally.add` counts
 
 
 @dataclass(frozen=True)
@@ -67,15 +72,37 @@ class Tally:
             self.tokens_input += sum(int(p.get(k) or 0) for k in inputs)
             self.tokens_output += int(p.get("output") or 0) + int(p.get("reasoning") or 0)
 
+    def add_table(self, table: str, data: pa.Table) -> None:
+        """`add` for each row of an Arrow table (`counted` picks the rows worth it)."""
+        for row in data.to_pylist():
+            if table == "events":
+                row["payload"] = json.loads(row["payload"])
+            self.add(table, SimpleNamespace(**row))
 
-class LedgerActorSink:
-    """`LedgerSink` on the `ledger` actor: each batch waits for the actor's answer, so a
-    failing ledger fails the gateway closed (as a local writer would)."""
+    @staticmethod
+    def counted(table: str, data: pa.Table) -> pa.Table:
+        """The rows of `data` that `add` counts: of events, samples and LLM calls only
+        (so of a capture's command events, none, found by one Arrow call)."""
+        if table != "events":
+            return data
+        return data.filter(pc.is_in(data["kind"], value_set=_TALLIED_KINDS))
 
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    def append(self, table: str, rows: Sequence[Any]) -> int:
-        import ray
-
-        return int(ray.get(self.handle.append.remote(table, list(rows)), timeout=_CALL_TIMEOUT_S))
+    @staticmethod
+    def by_attempt(data: pa.Table) -> list[tuple[AttemptRef, pa.Table]]:
+        """An Arrow table's rows per attempt (a capture's batch is one attempt's: then the
+        whole table, checked by one group-by, not assumed)."""
+        if data.num_rows == 0:
+            return []
+        keys = data.select(list(_IDENTITY)).group_by(list(_IDENTITY), use_threads=False)
+        attempts = keys.aggregate([]).to_pylist()
+        if len(attempts) == 1:
+            return [(AttemptRef(**attempts[0]), data)]
+        out = []
+        for key in attempts:
+            mask = pc.and_(
+                pc.and_(pc.equal(data["team"], key["team"]), pc.equal(data["batch"], key["batch"])),
+                pc.and_(pc.equal(data["task"], key["task"]),
+                        pc.equal(data["attempt"], key["attempt"])),
+            )  # fmt: skip
+            out.append((AttemptRef(**key), data.filter(mask)))
+        return out

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import pyarrow as pa
 import ray
 
 import sandbox.forwarder
@@ -50,8 +51,9 @@ from sandbox.providers import load_providers, load_providers_config
 from scheduler.budget import CapReached, compute_rate_nusd_per_s
 from scheduler.budget_keeper import budget_client, keeper_lookup, unwrap
 from scheduler.compute_lease import ComputeLeases
+from scheduler.fleet_outbox import LedgerSender
 from scheduler.ledger_actor import LEDGER_NAME, NAMESPACE
-from scheduler.node_channel import LedgerActorSink, NodeChannel, Tally
+from scheduler.node_channel import NodeChannel, Tally
 
 __all__ = ["FORWARDER_MOUNT", "NodeChannel", "NodeGateway", "default_root"]
 
@@ -72,6 +74,11 @@ class _Live:
     report: CaptureReport | None = None
     stop_reason: str | None = None
     why: str = ""
+
+
+def _forwards(grant: AttemptGrant) -> bool:
+    """Whether the attempt gets a gateway channel: a model to call or a host to reach."""
+    return bool(grant.models or grant.egress)
 
 
 def default_root(node_id: str) -> Path:
@@ -116,6 +123,7 @@ class NodeGateway:
         self._closed: OrderedDict[AttemptRef, _Live] = OrderedDict()
         self._by_container: dict[str, AttemptRef] = {}
         self._writer: Any = None
+        self._sender: LedgerSender | None = None
         self._downstream = self._ledger()  # `append` tallies each row, then sends it here
         self._keeper = keeper_lookup()
         self._docker = DockerBackend()
@@ -158,7 +166,10 @@ class NodeGateway:
 
     def _ledger(self) -> Any:
         try:
-            return LedgerActorSink(ray.get_actor(LEDGER_NAME, namespace=NAMESPACE))
+            # queued and sent every 100 ms: a capture's sink (the node's capture loop) and
+            # an attempt's end (its last rows) never wait on the ledger actor
+            self._sender = LedgerSender(ray.get_actor(LEDGER_NAME, namespace=NAMESPACE))
+            return self._sender
         except ValueError:  # no ledger actor: this node writes its own segments
             from accounting.writer import LedgerWriter
 
@@ -175,7 +186,18 @@ class NodeGateway:
 
     # -- the LedgerSink every gateway and capture row goes through -------------------------
 
-    def append(self, table: str, rows: Sequence[Any]) -> Any:
+    def append(self, table: str, rows: Sequence[Any] | pa.Table) -> Any:
+        """Send rows (records, or an Arrow table: a capture's command events) on, and
+        tally them to their attempts."""
+        if isinstance(rows, pa.Table):
+            result = self._downstream.append(table, rows)
+            parts = Tally.by_attempt(Tally.counted(table, rows))  # (commands: none)
+            with self._lock:
+                for ref, part in parts:
+                    live = self._live.get(ref) or self._closed.get(ref)
+                    if live is not None:
+                        live.tally.add_table(table, part)
+            return result
         rows = list(rows)
         result = self._downstream.append(table, rows)
         with self._lock:
@@ -199,7 +221,7 @@ class NodeGateway:
                 )
             self._last_busy = time.monotonic()
         self._leases.open(grant.ref, compute_rate_nusd_per_s(self._prices, cpus, memory_bytes))
-        if not grant.models and not grant.egress:
+        if not _forwards(grant):
             # No model and no host to reach: nothing to forward, so no socket, no token
             # and no forwarder in the container (one Python start less per attempt).
             with self._lock:
@@ -249,10 +271,11 @@ class NodeGateway:
         if live is None:
             raise SandboxError(f"no capture of sandbox {container_id[:12]} on this node")
         errors = self._end_capture(live)
-        try:
-            self._thread.flush()  # every gateway row of the attempt reached the tally
-        except SandfleetError as e:
-            errors.append(f"gateway ledger flush: {e}")
+        if _forwards(live.grant):  # (without a channel the gateway has no rows of it)
+            try:
+                self._thread.flush()  # every gateway row of the attempt reached the tally
+            except SandfleetError as e:
+                errors.append(f"gateway ledger flush: {e}")
         return self._report(live, errors)
 
     def _end_capture(self, live: _Live) -> list[str]:
@@ -320,8 +343,10 @@ class NodeGateway:
         if live is not None:
             errors += self._end_capture(live)
         errors += self._leases.settle(ref)
-        self._thread.close_attempt(ref)
-        if cut_short:
+        forwards = live is None or _forwards(live.grant)  # (unknown: close it to be sure)
+        if forwards:
+            self._thread.close_attempt(ref)
+        if cut_short and forwards:
             try:
                 self._thread.flush()  # the attempt's last gateway rows reach its tally
             except SandfleetError as e:
@@ -339,6 +364,8 @@ class NodeGateway:
     def flush(self) -> None:
         """Every row so far reached the ledger (tests, shutdown)."""
         self._thread.flush()
+        if self._sender is not None:
+            self._sender.flush()
         if self._writer is not None:
             self._writer.flush()
 
@@ -348,6 +375,8 @@ class NodeGateway:
         for ref in list(self._live):
             self.close_attempt(ref)
         self._thread.stop()
+        if self._sender is not None:
+            self._sender.close()
         if self._writer is not None:
             self._writer.close()
         try:

@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 from helpers import fake_reader, hardened_containers
@@ -20,6 +21,8 @@ from accounting.errors import SandboxError
 from accounting.pricing import load_pricing, unit_price_nusd
 from accounting.schemas import Charge, Event, UsageBucket
 from sandbox.activity import ActivityCapture, CaptureIdentity, Record, ledger_sink
+from sandbox.capture_records import as_events
+from sandbox.proc_hub import NetlinkProcHub
 
 pytestmark = pytest.mark.docker
 
@@ -60,18 +63,30 @@ def _held_s(tee: Tee) -> float:
 
 
 class Tee:
-    """The sink: batches into a LedgerWriter, and into a list the test can wait on."""
+    """The sink: batches into a LedgerWriter, and into a list the test can wait on.
 
-    def __init__(self, downstream: Callable[[list[Record]], None] | None = None) -> None:
+    It takes Arrow tables of command events (the columnar path), unless `tables` is
+    False (then the capture sends `Event`s only); `records` holds them as `Event`s."""
+
+    def __init__(
+        self, downstream: Callable[[list[Any]], None] | None = None, *, tables: bool = True
+    ) -> None:
         self.records: list[Record] = []
+        self.tables = 0
         self.cond = threading.Condition()
         self.downstream = downstream
+        self.accepts_tables = tables
 
-    def __call__(self, batch: list[Record]) -> None:
+    def __call__(self, batch: list[Any]) -> None:
         if self.downstream is not None:
             self.downstream(batch)
         with self.cond:
-            self.records.extend(batch)
+            for item in batch:
+                if isinstance(item, pa.Table):
+                    self.tables += 1
+                    self.records.extend(as_events(item))
+                else:
+                    self.records.append(item)
             self.cond.notify_all()
 
     def events(self, kind: str) -> list[Event]:
@@ -127,7 +142,9 @@ def test_the_ledger_holds_each_command_file_change_and_the_memory_peak_of_a_scri
     writer = LedgerWriter(data_dir)
     tee = Tee(ledger_sink(writer))
     container = sandbox(["sh", "-c", SCRIPT])
-    capture = ActivityCapture(container.id, workspace, IDENTITY, tee, interval=0.2)
+    # (a hub of its own that takes even a short read's commands as rows made in C)
+    hub = NetlinkProcHub(columns_from=0, linger_s=0)
+    capture = ActivityCapture(container.id, workspace, IDENTITY, tee, interval=0.2, hub=hub)
     try:
         with capture:
             container.start()
@@ -142,6 +159,7 @@ def test_the_ledger_holds_each_command_file_change_and_the_memory_peak_of_a_scri
         writer.close()
     report = capture.report
     assert report is not None and report.mode == "netlink"
+    assert tee.tables > 0  # commands took the columnar path, into the ledger as tables
 
     # commands: each one, with argv, parent, exit status and duration
     done = commands(tee)
@@ -265,8 +283,6 @@ def test_a_sink_that_fails_is_raised_at_stop_and_nothing_is_lost(tmp_path: Path)
 def test_capture_falls_back_to_polling_when_the_connector_is_refused(tmp_path: Path) -> None:
     import sys
 
-    from sandbox.proc_hub import NetlinkProcHub
-
     refused = '{"t":"error","msg":"[Errno 1] Operation not permitted"}'
     hub = NetlinkProcHub([sys.executable, "-c", f"print({refused!r})"])
     capture = ActivityCapture("f" * 64, tmp_path, IDENTITY, Tee(), hub=hub)
@@ -277,12 +293,13 @@ def test_capture_falls_back_to_polling_when_the_connector_is_refused(tmp_path: P
         ActivityCapture("f" * 64, tmp_path, IDENTITY, Tee(), hub=hub, proc_mode="netlink").start()
 
 
-def test_records_handed_over_just_before_stop_reach_the_sink_in_order(tmp_path: Path) -> None:
-    from sandbox.proc_hub import NetlinkProcHub
-
+@pytest.mark.parametrize("tables", [True, False], ids=["columns", "records"])
+def test_records_handed_over_just_before_stop_reach_the_sink_in_order(
+    tmp_path: Path, tables: bool
+) -> None:
     # a reader that answers the watch with a command's start and end, then the ack
-    hub = NetlinkProcHub(fake_reader(("/bin/true", "x"), 10**9, 3 * 10**9))
-    tee = Tee()
+    hub = NetlinkProcHub(fake_reader(("/bin/true", "x"), 10**9, 3 * 10**9), columns_from=0)
+    tee = Tee(tables=tables)
     capture = ActivityCapture("e" * 64, tmp_path, IDENTITY, tee, hub=hub)
     capture.start()
     report = capture.stop()  # at once: what the reader sent is in the last flush
@@ -294,3 +311,4 @@ def test_records_handed_over_just_before_stop_reach_the_sink_in_order(tmp_path: 
     assert events[1].payload["exit"] == 0 and events[1].payload["duration_ms"] == 2000
     assert events[0].time < events[1].time
     assert report.commands == 1 and report.mode == "netlink"
+    assert tee.tables == (1 if tables else 0)

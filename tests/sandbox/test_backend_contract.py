@@ -167,6 +167,28 @@ def test_an_engine_that_does_not_answer_names_make_setup(tmp_path):
         backend.close()
 
 
+@pytest.mark.docker
+def test_the_engine_client_reuses_its_connections_across_containers(docker_client) -> None:
+    import uuid
+
+    from docker.errors import NotFound
+
+    from sandbox.engine import docker_client as make_client
+
+    client = make_client()
+    try:
+        for _ in range(30):  # 30 URLs: docker-py alone would keep 25 pools, a socket each
+            with pytest.raises(NotFound):
+                client.api.inspect_container(uuid.uuid4().hex)
+        adapter = client.api.get_adapter("http+docker://localhost/")
+        assert len(adapter.pools) == 1
+        pool = adapter.get_connection("http+docker://localhost/anything")
+        opened = [conn for conn in list(pool.pool.queue) if conn is not None]
+        assert len(opened) == 1 and pool.num_requests >= 30  # one socket, reused
+    finally:
+        client.close()
+
+
 def test_an_unregistered_runtime_is_refused_with_the_fix(
     docker_backend, base_image, rig_for, minimal, batch_id, host_workspace
 ):

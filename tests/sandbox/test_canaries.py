@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from accounting.errors import ConfigError
 from sandbox.canaries import CANARIES, DEFAULT_CANARIES, load_canaries, plant_canaries
 from sandbox.container_spec import container_spec, sandbox_home
 from sandbox.file_watch import FileChange, FileWatcher, WatchRoot
-from sandbox.sensitive_watch import AccessDebouncer, readable_by
+from sandbox.sensitive_watch import AccessDebouncer, credential_patterns, readable_by
 from sandbox.templates import Template, load_template
 
 
@@ -122,6 +123,27 @@ def test_the_first_access_is_reported_as_a_read_and_repeats_are_absorbed() -> No
         (1000, "open", "/tmp/.aws/credentials"),
         (1010, "open", "/tmp/.kube/config"),
     ]
+
+
+def test_credential_patterns_are_read_again_only_when_the_policies_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SANDFLEET_CONFIGS", str(tmp_path))
+    policies = tmp_path / "policies.yaml"
+    shipped = (Path(__file__).parents[2] / "configs" / "policies.yaml").read_text()
+    head = "    action: stop\n    severity: critical\n"
+    assert head in shipped
+    rule = shipped.replace(head, head + "    credential_patterns: [{}]\n", 1)
+    policies.write_text(rule.format("'secret-a'"))
+    assert credential_patterns() == ("secret-a",)
+    os.utime(policies, ns=(1, 1))
+    mtime = policies.stat().st_mtime_ns
+    policies.write_text(rule.format("'secret-b'"))  # same size: the time tells them apart
+    os.utime(policies, ns=(mtime + 10**9, mtime + 10**9))
+    assert credential_patterns() == ("secret-b",)
+    policies.write_text("anomalies: [")
+    with pytest.raises(ConfigError, match=r"policies\.yaml"):
+        credential_patterns()
 
 
 def test_readable_by_follows_owner_group_and_other_bits(tmp_path: Path) -> None:

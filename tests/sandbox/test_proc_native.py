@@ -51,6 +51,18 @@ def test_the_reader_is_built_once_per_source_and_reused(
     assert native.build_procmon(edited) != first  # a changed source is never run stale
 
 
+def test_the_records_decoder_is_built_once_as_a_shared_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if shutil.which("cc") is None:
+        missing_engine("no C compiler (apt-get install gcc)")
+    monkeypatch.setenv("SANDFLEET_NATIVE_DIR", str(tmp_path / "build"))
+    first = native.build_records()
+    assert first.parent == tmp_path / "build" and first.suffix == ".so"
+    built_at = first.stat().st_mtime_ns
+    assert native.build_records() == first and first.stat().st_mtime_ns == built_at
+
+
 @pytest.mark.parametrize("reader", ["native", "ebpf"])
 def test_an_edited_shared_header_rebuilds_the_reader(
     reader: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

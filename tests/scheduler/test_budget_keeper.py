@@ -115,6 +115,8 @@ def test_a_team_past_its_daily_cap_is_exhausted(ray_up: Any, keeper: Any) -> Non
     ray.get(keeper.record_spend.remote(ref, 1_000_000, kind="egress"))
     assert ray.get(keeper.team_exhausted.remote(TEAM))
     assert not ray.get(keeper.team_exhausted.remote("other-team"))
+    # the scheduler's one call: batches first, then teams
+    assert ray.get(keeper.exhausted.remote(["b2"], [TEAM, "other-team"])) == [False, True, False]
 
 
 def test_a_missing_keeper_fails_closed(ray_up: Any) -> None:

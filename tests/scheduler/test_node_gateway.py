@@ -27,6 +27,7 @@ import pytest
 
 from accounting.config import configs_dir
 from accounting.pricing import load_pricing
+from sandbox.attempt import archive_dir
 from sandbox.container_spec import LABEL_BATCH
 from sandbox.templates import load_template
 from sandbox.workspace import workspace_root
@@ -320,3 +321,71 @@ def test_a_task_with_no_model_and_no_egress_runs_without_a_forwarder(
              "FROM events WHERE kind = 'command_started' AND batch = ?", batch)]  # fmt: skip
     assert ["python3", "/workspace/agent.py"] in argvs
     assert not any("/opt/sandfleet/forwarder.py" in a for a in argvs)
+
+
+def test_a_task_with_nothing_to_forward_and_no_budget_for_a_second_never_starts(
+    cluster: dict[str, Any], image: str, docker_client: Any, tmp_path: Path
+) -> None:
+    # Its open answers while the sandbox is made (no channel to wait for); the refusal
+    # must still come before the sandbox starts: the agent never writes its file.
+    from accounting.errors import BudgetError
+
+    ray = cluster["ray"]
+    batch = f"pytest-ngw-{uuid.uuid4().hex[:8]}"
+    ray.get(cluster["keeper"].register_batch.remote(batch, TEAM, None, {"t1": 1}))
+    workspace = tmp_path / "given"
+    workspace.mkdir()
+    (workspace / "agent.py").write_text("print('started', flush=True)\n")
+    task = ray.remote(num_cpus=1, resources={"sandbox_slots": 1}, max_retries=0)(_attempt)
+    request = _request(cluster, image, batch, timeout_s=60, model="")
+    try:
+        with pytest.raises(ray.exceptions.RayTaskError) as raised:
+            ray.get(task.remote(request, str(workspace), cluster["options"]), timeout=120)
+    finally:
+        _assert_nothing_left(cluster, docker_client, batch)
+    assert isinstance(raised.value.cause, BudgetError), raised.value
+    assert "budget cap reached: task" in str(raised.value.cause)
+    archive = archive_dir(cluster["data_dir"], batch, "t1", 1)
+    result = json.loads((archive / "result.json").read_text())
+    assert result["exit_code"] is None and "budget cap reached" in result["error"]
+    assert not (archive / "stdout.log").exists()  # never started: no output was followed
+    gateway = ray.get_actor(f"gateway-{_node(ray)}", namespace="sandfleet")
+    assert f"{TEAM}/{batch}/t1#1" not in ray.get(gateway.info.remote())["attempts"]
+
+
+def test_the_node_s_rows_are_queued_and_a_refused_batch_fails_the_next_call(
+    cluster: dict[str, Any],
+) -> None:
+    from datetime import UTC, datetime
+
+    from accounting.errors import SchemaError
+    from accounting.schemas import Event, EventKind
+    from scheduler.fleet_outbox import LedgerSender
+
+    batch = f"pytest-ngw-{uuid.uuid4().hex[:8]}"
+    sender = LedgerSender(cluster["ledger"], every_s=0.05)
+    try:
+        for i in range(3):
+            row = Event(
+                datetime.now(UTC),
+                TEAM,
+                batch,
+                "t1",
+                1,
+                "n",
+                EventKind.COMMAND_STARTED,
+                {"argv": ["echo", str(i)], "pid": i, "ppid": 1, "mode": "netlink"},
+            )
+            assert sender.append("events", [row]) == 1  # queued: it returns at once
+        sender.flush()
+        cluster["ray"].get(cluster["ledger"].flush.remote())
+        got = _query(cluster, "SELECT json_extract(payload, '$.pid')::INT FROM events "
+                     "WHERE batch = ? ORDER BY event_seq", batch)  # fmt: skip
+        assert got == [(0,), (1,), (2,)]
+        sender.append("events", [{"time": "not a time"}])
+        with pytest.raises(SchemaError, match="events"):
+            sender.flush()
+        with pytest.raises(SchemaError):  # failed closed: later rows are refused too
+            sender.append("events", [])
+    finally:
+        sender._stop.set()

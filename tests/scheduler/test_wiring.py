@@ -182,11 +182,8 @@ class StubKeeper:
     def register_batch(self, batch_id: str, team: str, **caps: Any) -> None:
         self.registered.append((batch_id, team))
 
-    def batch_exhausted(self, batch_id: str) -> bool:
-        return batch_id in self.batches
-
-    def team_exhausted(self, team: str) -> bool:
-        return team in self.teams
+    def exhausted(self, batches: list[str], teams: list[str]) -> list[bool]:
+        return [b in self.batches for b in batches] + [t in self.teams for t in teams]
 
     def exhaust(self, batches: list[str], teams: list[str]) -> None:
         self.batches, self.teams = set(batches), set(teams)
@@ -218,6 +215,20 @@ def test_the_ledger_tees_what_it_accepts_to_the_monitor_whose_live_state_shows_t
     wait_for(running, timeout=60, what="the Monitor to show the teed running task")
     stats = ray.get(ledger.tee_stats.remote())
     assert stats["monitor"] and stats["sent"] >= 1 and stats["dropped"] == 0
+
+    # Appends in quick succession reach the Monitor gathered, in order, in fewer calls.
+    rows = [a.state(0, "succeeded")]
+    rows += [AttemptEvents("ml", "tee-batch", f"t{i}").state(0, "running") for i in range(2, 42)]
+    for row in rows:
+        ledger.append.remote("events", [row])
+
+    def all_seen() -> bool:
+        return ray.get(monitor.fleet.remote())["states"] == {"succeeded": 1, "running": 40}
+
+    wait_for(all_seen, timeout=60, what="the Monitor to show all 41 teed states")
+    after = ray.get(ledger.tee_stats.remote())
+    assert after["sent"] - stats["sent"] == 41 and after["dropped"] == 0
+    assert after["calls"] - stats["calls"] < 41  # gathered, not one call per append
 
 
 @pytest.mark.ray
