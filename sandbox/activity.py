@@ -20,7 +20,7 @@ core-seconds, memory GiB-seconds) become compute `Charge`s priced by
 `LedgerWriter`.
 
 The capture has no thread of its own: its work runs on the node's shared
-`sandbox.capture_loop.CaptureLoop`, on a 100 ms grid: while records flow, what gathered
+`sandbox.capture_loop.CaptureLoop`, on a 250 ms grid: while records flow, what gathered
 since the last tick goes to the sink as one batch (so an event reaches the sink within
 about a tick), samples fall on whole seconds, and the file watcher is serviced on the
 same wake-ups.
@@ -87,7 +87,7 @@ log = logging.getLogger(__name__)
 
 ProcMode = Literal["auto", "netlink", "poll"]
 _BATCH = 512  # records per sink call at most
-_TICK_S = 0.1  # the shared loop's grid (gather_s)
+_TICK_S = 0.25  # the shared loop's grid (gather_s): see sandbox.capture_loop
 _NEVER = 1 << 62  # no sample is scheduled (ns)
 # Where a hardened sandbox can write besides its workspace (the root is read-only); these
 # are paths inside the container, watched through /proc/<pid>/root.

@@ -3,12 +3,18 @@
 Each `ActivityCapture` used to run two threads (its loop and its file watcher), each
 waking for its own records, samples and inotify events; with many sandboxes on a node
 those wake-ups were most of what capture cost. `CaptureLoop.shared()` runs every
-capture on one thread, on a common grid of `tick_s` (100 ms): the deadlines jobs ask
+capture on one thread, on a common grid of `tick_s` (250 ms): the deadlines jobs ask
 for (deliver what gathered, the next resource sample, a debounced file change falling
 due) are rounded up to the grid, so one wake-up serves every job that is due. While
 nothing is due the thread sleeps in `select` on the jobs' descriptors (inotify) and a
 wake-up pipe; `poke()` (records arrived for a job) wakes it only while it sleeps past
 the next tick: while a tick is near, pokes cost nothing.
+
+The grid trades latency for CPU. Each wake-up costs a few hundred microseconds of Python
+whatever it carries (each capture's batch, its sink call, its sample); at 100 ms, a busy
+agent's capture cost ~0.2% of a core per sandbox, at 250 ms ~0.1% (bench/monitor.py,
+busy phase). An event still reaches the sink within about 0.5 s of its exec (the
+eBPF reader drains every 200 ms, then the next tick), and the dashboard within ~2 s.
 
 A job (`LoopJob`) is run only on the loop's thread, never by two threads at once:
 `remove(job)` returns once the loop will not run it again, so its owner can finish it
@@ -31,7 +37,8 @@ __all__ = ["CaptureLoop", "LoopJob"]
 
 log = logging.getLogger(__name__)
 
-_TICK_S: Final = 0.1
+_TICK_S: Final = 0.25
+_LINGER_S: Final = 30.0
 
 
 class LoopJob(Protocol):
@@ -47,13 +54,16 @@ class LoopJob(Protocol):
 
 class CaptureLoop:
     """The shared thread (see the module doc). It starts with the first job and ends
-    with the last."""
+    `linger_s` (30 s) after the last, unless another came."""
 
     _shared: dict[float, CaptureLoop] = {}
     _shared_lock = threading.Lock()
 
-    def __init__(self, tick_s: float = _TICK_S) -> None:
+    def __init__(self, tick_s: float = _TICK_S, linger_s: float = _LINGER_S) -> None:
         self.tick_ns = max(1, int(tick_s * 1e9))
+        # the thread outlives its last job this long: the node's next attempt (a second
+        # later) does not start a thread again
+        self.linger_ns = int(linger_s * 1e9)
         self._jobs: list[LoopJob] = []
         # Held while jobs run, and to add or remove one; reentrant, so a sink run by a job
         # may stop another capture (remove its job) on this thread.
@@ -108,14 +118,21 @@ class CaptureLoop:
         wake_r, tick_ns = self._wake_r, self.tick_ns
         now = time.monotonic_ns()
         ready: list[int] = []
+        idle_since: int | None = None
         while True:
             self._armed = True
             due: int | None = None
             fds = [wake_r]
             with self._lock:
-                if not self._jobs:
-                    self._thread = None
-                    return
+                if self._jobs:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = now
+                if idle_since is not None:
+                    if now - idle_since >= self.linger_ns:
+                        self._thread = None
+                        return
+                    due = idle_since + self.linger_ns  # (an `add` wakes it before)
                 for job in list(self._jobs):
                     if job not in self._jobs:  # removed by one run before it
                         continue

@@ -25,14 +25,13 @@ import pyarrow as pa
 from accounting.schemas import Charge, Event, EventKind
 from accounting.validation import to_table
 from sandbox.cgroup_stats import ResourceTotals
+from sandbox.event_rows import CommandRows, EventRows
 from sandbox.file_watch import FileChange
 from sandbox.proc_table import (
     CaptureMode,
     CommandFinished,
-    CommandRows,
     CommandStarted,
     ContainerEmpty,
-    EventRows,
 )
 
 __all__ = [

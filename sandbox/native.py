@@ -12,7 +12,7 @@
 
 `records_library()` loads the decoder of their records (`sandbox/native/records.c`, a
 shared library: a run of command records as one Arrow batch of ledger `events` rows,
-`sandbox.proc_table.EventDecoder`); None without a compiler, and then the same decoding
+`sandbox.event_rows.EventDecoder`); None without a compiler, and then the same decoding
 runs in Python.
 
 Both readers include `native/reader_common.h` (the records they write, the table of

@@ -19,7 +19,7 @@ records (`sandbox.proc_table`) on the hub's dispatch thread — keep them short.
 read of the reader's output (in order), one call per read, not per record. Given
 `rows` (`EventRows`: the container's ledger identity and clock offset) the list holds,
 in order, `CommandRows` (a run of the container's command records as ledger `events`
-rows in one Arrow batch, made in C: `sandbox.proc_table.EventDecoder`) and
+rows in one Arrow batch, made in C: `sandbox.event_rows.EventDecoder`) and
 `ContainerEmpty` records: no Python object per command. A read shorter than
 `columns_from` bytes (some thirty records, whose objects cost less than a batch's
 fixed cost) comes as record objects all the same, so such a callback takes both. Either
@@ -41,13 +41,11 @@ from pathlib import Path
 from typing import Any, Final, Literal, cast
 
 from accounting.errors import SandboxError
+from sandbox.event_rows import CommandRows, EventDecoder, EventRows
 from sandbox.proc_table import (
     REC_ACK,
     REC_LOST,
-    CommandRows,
     ContainerEmpty,
-    EventDecoder,
-    EventRows,
     Record,
     unpack_records,
 )

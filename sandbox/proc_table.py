@@ -11,29 +11,25 @@ exec time (a `docker exec`, whose parent is the engine's shim). A process alread
 when its exec is handled is placed by its tracked ancestors; argv is read from
 `/proc/<pid>/cmdline`, or a zombie's `comm` name.
 
-The records the readers write (`pack_record`) come back as record objects
-(`unpack_records`), or, for the capture's columnar path, as ledger `events` rows per
-container in Arrow (`EventDecoder`: in C by `sandbox/native/records.c` when it can be
-built, else in Python, bit for bit the same).
+The records the readers write (`pack_record`, header `RECORD`) come back as record
+objects (`unpack_records`); the capture's columnar path reads them as ledger rows
+(`sandbox.event_rows`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import struct
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
-
-if TYPE_CHECKING:
-    import pyarrow as pa
+from typing import Final, NamedTuple, Protocol
 
 __all__ = [
     "EV_EXEC",
     "EV_EXIT",
     "EV_FORK",
+    "RECORD",
     "REC_ACK",
     "REC_EMPTY",
     "REC_END",
@@ -41,16 +37,14 @@ __all__ = [
     "REC_START",
     "CaptureMode",
     "CommandFinished",
-    "CommandRows",
     "CommandStarted",
     "ContainerEmpty",
-    "EventDecoder",
-    "EventRows",
     "ProcEvent",
     "ProcReader",
     "ProcessTable",
     "Record",
     "SysProcReader",
+    "cid_text",
     "container_id_of",
     "decode_exit",
     "pack_control",
@@ -323,7 +317,7 @@ REC_EMPTY: Final = 3
 REC_ACK: Final = 4  # a watch / unwatch command was done
 REC_LOST: Final = 5  # the kernel dropped events: the reader fell behind
 # size, kind, has_exit, flags, pid, ppid, exit, start, ns, cid
-_REC = struct.Struct("=IBBBxiiiqq64s")
+RECORD = struct.Struct("=IBBBxiiiqq64s")
 _TRUNCATED: Final = 1  # flags: argv was cut
 _NO_CID: Final = b"\0" * 64
 
@@ -333,17 +327,17 @@ def pack_record(container_id: str, rec: Record) -> bytes:
     cid = container_id.encode()
     if isinstance(rec, CommandStarted):
         argv = "\0".join(rec.argv).encode("utf-8", "surrogateescape")
-        head = _REC.pack(_REC.size + len(argv), REC_START, 0, _flags(rec), rec.pid,
+        head = RECORD.pack(RECORD.size + len(argv), REC_START, 0, _flags(rec), rec.pid,
                          rec.ppid, 0, rec.mono_ns, rec.mono_ns, cid)  # fmt: skip
         return head + argv
     if isinstance(rec, CommandFinished):
         argv = "\0".join(rec.argv).encode("utf-8", "surrogateescape")
         code = rec.exit if rec.exit is not None else 0
-        head = _REC.pack(_REC.size + len(argv), REC_END, rec.exit is not None, _flags(rec),
+        head = RECORD.pack(RECORD.size + len(argv), REC_END, rec.exit is not None, _flags(rec),
                          rec.pid, rec.ppid, code, rec.start_mono_ns, rec.mono_ns,
                          cid)  # fmt: skip
         return head + argv
-    return _REC.pack(_REC.size, REC_EMPTY, 0, 0, 0, 0, 0, 0, rec.mono_ns, cid)
+    return RECORD.pack(RECORD.size, REC_EMPTY, 0, 0, 0, 0, 0, 0, rec.mono_ns, cid)
 
 
 def _flags(rec: CommandStarted | CommandFinished) -> int:
@@ -352,7 +346,7 @@ def _flags(rec: CommandStarted | CommandFinished) -> int:
 
 def pack_control(kind: int, container_id: str = "") -> bytes:
     """An `REC_ACK` (for `container_id`) or `REC_LOST` record."""
-    return _REC.pack(_REC.size, kind, 0, 0, 0, 0, 0, 0, 0, container_id.encode() or _NO_CID)
+    return RECORD.pack(RECORD.size, kind, 0, 0, 0, 0, 0, 0, 0, container_id.encode() or _NO_CID)
 
 
 def unpack_records(
@@ -363,18 +357,14 @@ def unpack_records(
     where they end."""
     out: list[tuple[int, str, Record | None]] = []
     append, cids = out.append, _cid_names
-    unpack, head, n, off = _REC.unpack_from, _REC.size, len(data), start
+    unpack, head, n, off = RECORD.unpack_from, RECORD.size, len(data), start
     started, finished = CommandStarted, CommandFinished
     while off + head <= n and count != len(out):
         size, kind, has_exit, flags, pid, ppid, code, start_ns, ns, raw_cid = unpack(data, off)
         end = off + size
         if size < head or end > n:
             break
-        cid = cids.get(raw_cid)
-        if cid is None:
-            cid = raw_cid.decode("ascii", "replace")
-            if len(cids) < _CID_CACHE:
-                cids[raw_cid] = cid
+        cid = cids.get(raw_cid) or cid_text(raw_cid)
         rec: Record | None = None
         if kind in (REC_START, REC_END):
             argv = (
@@ -398,163 +388,8 @@ _CID_CACHE: Final = 4096  # container ids seen (64 bytes each), decoded once
 _cid_names: dict[bytes, str] = {}
 
 
-# -- the columnar path: a run of command records as ledger `events` rows -----------------
-
-
-class EventRows(NamedTuple):
-    """What makes a container's command records its ledger `events` rows: the columns
-    common to them, and the offset from CLOCK_MONOTONIC to Unix time."""
-
-    team: str
-    batch: str
-    task: str
-    attempt: int
-    node: str
-    offset_ns: int
-
-
-@dataclass(frozen=True, slots=True)
-class CommandRows:
-    """One container's command records from one read, as `events` rows (an Arrow record
-    batch with `accounting.schemas.DATA_SCHEMAS["events"]`): no object per record;
-    `started` of them are command_started, the first of whose pids are `started_pids`."""
-
-    rows: pa.RecordBatch
-    started: int
-    started_pids: tuple[int, ...]
-
-
-class _Target(ctypes.Structure):
-    """records.c's `struct sf_target`."""
-
-    _fields_ = [
-        ("cid", ctypes.c_char * 64),
-        ("text", ctypes.c_char_p * 4),
-        ("text_len", ctypes.c_int32 * 4),
-        ("attempt", ctypes.c_int32),
-        ("offset_ns", ctypes.c_int64),
-    ]
-
-
-_PIDS_KEPT: Final = 4  # records.c: started pids reported per container
-_ARROW_ARRAY: Final = 80  # bytes of a C data interface `struct ArrowArray`
-
-
-class EventDecoder:
-    """Runs of command records as `CommandRows` for the containers it is given
-    (`sandbox/native/records.c`, one C call and one Arrow import per run; in Python,
-    bit for bit the same, without a compiler). `set` and `decode` may run on different
-    threads: `decode` reads one snapshot of the containers."""
-
-    def __init__(self) -> None:
-        self._rows: dict[str, EventRows] = {}
-        self._table: tuple[list[str], Any] = ([], None)  # cids, and their C targets
-
-    def set(self, container_id: str, rows: EventRows | None) -> None:
-        """Make rows of `container_id`'s records with `rows` (None: skip its records)."""
-        if rows is None:
-            self._rows.pop(container_id, None)
-        else:
-            self._rows[container_id] = rows
-        cids = list(self._rows)
-        targets = (_Target * max(1, len(cids)))()
-        for t, cid in zip(targets, cids, strict=False):
-            r = self._rows[cid]
-            texts = [v.encode() for v in (r.team, r.batch, r.task, r.node)]
-            t.cid = cid.encode()
-            for i, v in enumerate(texts):
-                t.text[i], t.text_len[i] = v, len(v)
-            t.attempt, t.offset_ns = r.attempt, r.offset_ns
-        self._table = (cids, targets)  # (the C strings live as long as `targets` does)
-
-    def decode(self, data: bytes, off: int = 0) -> tuple[list[tuple[str, CommandRows]], int]:
-        """The run of `REC_START` / `REC_END` records of `data` from `off`, up to a record
-        of another kind or an incomplete one: the rows of each container given (in
-        order), and where the run ended (`off` when `data[off:]` starts with no command).
-        """
-        from sandbox.native import records_library
-
-        cids, targets = self._table
-        lib = records_library()
-        if lib is None:
-            return self._decode_in_python(data, off, cids)
-        import pyarrow as pa
-
-        from accounting.schemas import DATA_SCHEMAS
-
-        k = len(cids)
-        stats = (ctypes.c_int32 * (k * (2 + _PIDS_KEPT) or 1))()
-        out = ctypes.create_string_buffer(_ARROW_ARRAY)
-        end = ctypes.c_int64()
-        at = ctypes.addressof(stats)
-        n = lib.sandfleet_decode_events(data, len(data), off, ctypes.byref(end), targets, k, at,
-                                        at + 4 * k, at + 8 * k, out)  # fmt: skip
-        if n < 0:
-            raise MemoryError("the records decoder could not allocate a batch")
-        if n == 0:
-            return [], end.value
-        batch = pa.RecordBatch._import_from_c(ctypes.addressof(out), DATA_SCHEMAS["events"])
-        found, first = [], 0
-        for t, cid in enumerate(cids):
-            count = stats[t]
-            if count:
-                started = stats[k + t]
-                pids = stats[
-                    2 * k + _PIDS_KEPT * t : 2 * k + _PIDS_KEPT * t + min(started, _PIDS_KEPT)
-                ]
-                rows = batch.slice(first, count) if count < n else batch
-                found.append((cid, CommandRows(rows, started, tuple(pids))))
-                first += count
-        return found, end.value
-
-    def _decode_in_python(
-        self, data: bytes, off: int, cids: list[str]
-    ) -> tuple[list[tuple[str, CommandRows]], int]:
-        """`decode` without the native decoder: the rows `capture_events` makes."""
-        import pyarrow as pa
-
-        from accounting.schemas import DATA_SCHEMAS, canonical_json
-
-        schema = DATA_SCHEMAS["events"]
-        wanted = {cid: self._rows.get(cid) for cid in cids}
-        groups: dict[str, tuple[list[Any], list[str], list[int]]] = {}
-        head, n = _REC.size, len(data)
-        while off + head <= n:
-            size, kind, has_exit, _, pid, ppid, code, start_ns, ns, raw = _REC.unpack_from(
-                data, off
-            )
-            if size < head or off + size > n or kind not in (REC_START, REC_END):
-                break
-            cid = _cid_name(raw)
-            r = wanted.get(cid)
-            off += size
-            if r is None:
-                continue
-            blob = data[off - size + head : off]
-            argv = blob.decode("utf-8", "replace").split("\0") if blob else []
-            payload: dict[str, Any] = {"argv": argv, "pid": pid, "ppid": ppid, "mode": "netlink"}
-            if kind == REC_END:
-                payload["duration_ms"] = max(0, ns - start_ns) // 1_000_000
-                if has_exit:
-                    payload["exit"] = code
-            rows, kinds, starts = groups.setdefault(cid, ([], [], []))
-            rows.append(((ns + r.offset_ns) // 1000, canonical_json(payload)))
-            kinds.append("command_started" if kind == REC_START else "command_finished")
-            if kind == REC_START:
-                starts.append(pid)
-        found = []
-        for cid, (rows, kinds, starts) in groups.items():
-            r, m = wanted[cid], len(rows)
-            assert r is not None
-            values = ([t for t, _ in rows], [r.team] * m, [r.batch] * m, [r.task] * m,
-                      [r.attempt] * m, [r.node] * m, kinds, [p for _, p in rows])  # fmt: skip
-            arrays = [pa.array(v, f.type) for v, f in zip(values, schema, strict=True)]
-            batch = pa.RecordBatch.from_arrays(arrays, schema=schema)
-            found.append((cid, CommandRows(batch, len(starts), tuple(starts[:_PIDS_KEPT]))))
-        return found, off
-
-
-def _cid_name(raw: bytes) -> str:
+def cid_text(raw: bytes) -> str:
+    """A record's 64-byte container id as text (each id decoded once, up to `_CID_CACHE`)."""
     cid = _cid_names.get(raw)
     if cid is None:
         cid = raw.decode("ascii", "replace")

@@ -26,6 +26,7 @@ from sandbox.capture_records import (
     event_rows,
     ledger_sink,
 )
+from sandbox.event_rows import CommandRows, EventDecoder
 from sandbox.proc_hub import NetlinkProcHub
 from sandbox.proc_table import (
     REC_ACK,
@@ -33,10 +34,8 @@ from sandbox.proc_table import (
     REC_START,
     CaptureMode,
     CommandFinished,
-    CommandRows,
     CommandStarted,
     ContainerEmpty,
-    EventDecoder,
     pack_control,
     pack_record,
     unpack_records,

@@ -55,8 +55,8 @@ def test_a_poked_job_is_run_on_the_loops_one_thread_at_a_tick() -> None:
         loop.remove(b)
 
 
-def test_a_removed_job_is_not_run_again_and_the_thread_ends_with_the_last() -> None:
-    loop = CaptureLoop(tick_s=0.02)
+def test_a_removed_job_is_not_run_again_and_the_thread_ends_after_the_last() -> None:
+    loop = CaptureLoop(tick_s=0.02, linger_s=2.0)
     a, b = Job(loop), Job(loop)
     loop.add(a)
     loop.add(b)
@@ -67,9 +67,14 @@ def test_a_removed_job_is_not_run_again_and_the_thread_ends_with_the_last() -> N
     assert len(a.ticks) == seen
     loop.remove(b)
     thread = loop._thread
-    if thread is not None:
-        thread.join(DEADLINE_S)
-        assert not thread.is_alive()
+    assert thread is not None and thread.is_alive()  # it lingers for the next job
+    c = Job(loop)
+    loop.add(c)  # ... which it runs on the same thread
+    c.put()
+    assert c.delivered.wait(DEADLINE_S) and loop._thread is thread
+    loop.remove(c)
+    thread.join(DEADLINE_S)  # and ends once nothing came for `linger_s`
+    assert not thread.is_alive() and loop._thread is None
 
 
 def test_a_job_may_remove_another_from_its_own_tick() -> None:
