@@ -12,25 +12,18 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import logging
-import threading
 from itertools import pairwise
 from pathlib import Path
 from typing import Final
 
 import pyarrow as pa
 
-from accounting.native import NativeBuildError, compiled
+from accounting.native import SharedLibrary, compiled
 
 __all__ = ["backend", "build", "node_hashes", "sha256_each"]
 
-log = logging.getLogger(__name__)
-
 SOURCE: Final = Path(__file__).resolve().parent / "native" / "sha256.c"
 _FLAGS: Final = ("-Wno-deprecated-declarations",)  # SHA256_Init: deprecated, still the fastest
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
 
 
 def build() -> Path:
@@ -38,23 +31,14 @@ def build() -> Path:
     return compiled(SOURCE, shared=True, libs=("-lcrypto",), defines=_FLAGS)
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if _tried:  # the hot path: no lock once decided
-        return _lib
-    with _lock:
-        if not _tried:
-            try:
-                lib = ctypes.CDLL(str(build()))
-                ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-                lib.sandfleet_sha256_each.argtypes = [ptr, ptr, i64, ptr]
-                lib.sandfleet_sha256_pairs.argtypes = [ptr, i64, ptr]
-                _lib = lib
-            except (NativeBuildError, OSError) as e:
-                log.warning("native SHA-256 unavailable (%s); hashing in Python", e)
-            finally:
-                _tried = True  # after `_lib`: the unlocked check above never sees it half set
-        return _lib
+def _declare(lib: ctypes.CDLL) -> None:
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.sandfleet_sha256_each.argtypes = [ptr, ptr, i64, ptr]
+    lib.sandfleet_sha256_pairs.argtypes = [ptr, i64, ptr]
+
+
+_LIBRARY: Final = SharedLibrary(build, _declare, "SHA-256")
+_load = _LIBRARY.get
 
 
 def backend() -> str:

@@ -12,7 +12,9 @@ faster, never different.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -20,13 +22,16 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
 from accounting.errors import SandfleetError
 
-__all__ = ["NativeBuildError", "bpf_object", "build_dir", "compiled"]
+__all__ = ["NativeBuildError", "SharedLibrary", "bpf_object", "build_dir", "compiled"]
+
+log = logging.getLogger(__name__)
 
 _CFLAGS: Final = ("-O2", "-Wall", "-Wextra")
 _BPF_CFLAGS: Final = ("-g", "-O2", "-target", "bpf", "-Wall")  # -g: the BTF CO-RE needs
@@ -75,6 +80,35 @@ def compiled(
         )
     _build(target, lambda out: [cc, *flags, "-o", out, str(source), *libs], source)
     return target
+
+
+class SharedLibrary:
+    """A helper library, built and loaded on first use, once per process: `get()` is the
+    loaded library, or None when it cannot be built or loaded (said once in the log,
+    then the caller's Python path runs). `declare` gives its functions their C types."""
+
+    def __init__(
+        self, build: Callable[[], Path], declare: Callable[[ctypes.CDLL], None], what: str
+    ) -> None:
+        self._build, self._declare, self.what = build, declare, what
+        self._lock = threading.Lock()
+        self._lib: ctypes.CDLL | None = None
+        self._tried = False
+
+    def get(self) -> ctypes.CDLL | None:
+        if self._tried:  # the hot path: no lock once decided
+            return self._lib
+        with self._lock:
+            if not self._tried:
+                try:
+                    lib = ctypes.CDLL(str(self._build()))
+                    self._declare(lib)
+                    self._lib = lib
+                except (NativeBuildError, OSError) as e:
+                    log.warning("native %s unavailable (%s); using Python", self.what, e)
+                finally:
+                    self._tried = True  # after `_lib`: the unlocked check sees it whole
+        return self._lib
 
 
 def bpf_object(source: Path, *, defines: Sequence[str] = (), depends: Sequence[Path] = ()) -> Path:

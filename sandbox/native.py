@@ -27,12 +27,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
-import threading
 from pathlib import Path
 from typing import Final
 
 from accounting.errors import SandboxError
-from accounting.native import NativeBuildError, bpf_object, compiled
+from accounting.native import NativeBuildError, SharedLibrary, bpf_object, compiled
 
 __all__ = [
     "EBPF_LOADER",
@@ -56,9 +55,6 @@ EBPF_LOADER: Final = SOURCE.parent / "ebpfmon.c"
 EBPF_HEADER: Final = SOURCE.parent / "ebpfmon.h"
 READER_HEADER: Final = SOURCE.parent / "reader_common.h"
 RECORDS: Final = SOURCE.parent / "records.c"
-_records_lock = threading.Lock()
-_records_lib: ctypes.CDLL | None = None
-_records_tried = False
 
 
 def build_procmon(source: Path = SOURCE) -> Path:
@@ -120,25 +116,19 @@ def build_records() -> Path:
     return compiled(RECORDS, shared=True)
 
 
+def _declare_records(lib: ctypes.CDLL) -> None:
+    p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64  # (see records.c)
+    fn = lib.sandfleet_decode_events
+    fn.argtypes = [p, i64, i64, p, p, i32, p, p, p, p]
+    fn.restype = i64
+
+
+_RECORDS_LIBRARY: Final = SharedLibrary(build_records, _declare_records, "records decoder")
+
+
 def records_library() -> ctypes.CDLL | None:
     """The records decoder, built and loaded once; None when it cannot be (logged)."""
-    global _records_lib, _records_tried
-    if _records_tried:  # the hot path: no lock once decided
-        return _records_lib
-    with _records_lock:
-        if not _records_tried:
-            try:
-                lib = ctypes.CDLL(str(build_records()))
-                p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64  # (see records.c)
-                fn = lib.sandfleet_decode_events
-                fn.argtypes = [p, i64, i64, p, p, i32, p, p, p, p]
-                fn.restype = i64
-                _records_lib = lib
-            except (NativeBuildError, OSError) as e:
-                log.warning("native records decoder unavailable (%s); decoding in Python", e)
-            finally:
-                _records_tried = True  # after `_records_lib`: the unlocked check sees it whole
-        return _records_lib
+    return _RECORDS_LIBRARY.get()
 
 
 def main() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -17,8 +18,7 @@ from accounting.merkle import MerkleTree, leaf_hash, merkle_root
 @pytest.fixture(params=["native", "python"])
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     if request.param == "python":
-        monkeypatch.setattr(hashing, "_tried", True)
-        monkeypatch.setattr(hashing, "_lib", None)
+        monkeypatch.setattr(hashing, "_load", lambda: None)
     yield request.param
 
 
@@ -67,3 +67,22 @@ def test_a_tree_fed_in_blobs_has_the_reference_root(sizes: list[int]) -> None:
         tree.extend_blob(b"".join(new))
         assert tree.root() == merkle_root(leaves)
     assert tree.size == len(leaves)
+
+
+def test_a_library_that_cannot_be_built_is_tried_once_and_python_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from accounting.native import NativeBuildError, SharedLibrary
+
+    builds: list[int] = []
+
+    def build() -> Path:
+        builds.append(1)
+        raise NativeBuildError("cc: not found")
+
+    library = SharedLibrary(build, lambda lib: None, "test helper")
+    assert library.get() is None and library.get() is None
+    assert builds == [1]  # decided once: the hot path never builds again
+    assert "native test helper unavailable (cc: not found)" in caplog.text
+    loaded = SharedLibrary(hashing.build, lambda lib: None, "SHA-256")
+    assert loaded.get() is not None and loaded.get() is loaded.get()
