@@ -128,7 +128,11 @@ static __always_inline int classify(struct task_struct *t, struct where *w) {
     return 2;
 }
 
-static __always_inline __u64 wake_flag(void) {
+/* Wake the reader now for a record of a namespace it must place (it reads the process's
+ * cgroup, which a short-lived sandbox's processes take with them when they exit), or when
+ * the buffer is half full; else the reader's timer drains it. */
+static __always_inline __u64 wake_flag(const struct where *w) {
+    if (w->flags & EMON_UNKNOWN_NS) return BPF_RB_FORCE_WAKEUP;
     return bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > WAKE_BYTES ? BPF_RB_FORCE_WAKEUP
                                                                       : BPF_RB_NO_WAKEUP;
 }
@@ -165,7 +169,7 @@ int BPF_PROG(sf_fork, struct task_struct *parent, struct task_struct *child) {
     h->pid = tgid;
     h->ppid = BPF_CORE_READ(parent, tgid);
     h->comm[0] = 0;
-    bpf_ringbuf_submit(h, wake_flag());
+    bpf_ringbuf_submit(h, wake_flag(&w));
     return 0;
 }
 
@@ -196,7 +200,7 @@ int BPF_PROG(sf_exec, struct task_struct *p, int old_pid, void *bprm) {
         if (bpf_probe_read_user(e->argv, len, (const void *)start) != 0) len = 0;
     }
     e->h.argv_len = len;
-    bpf_ringbuf_submit(e, wake_flag());
+    bpf_ringbuf_submit(e, wake_flag(&w));
     return 0;
 }
 
@@ -216,6 +220,6 @@ int BPF_PROG(sf_exit, struct task_struct *p) {
     h->ppid = BPF_CORE_READ(p, real_parent, tgid);
     h->status = BPF_CORE_READ(p, exit_code);
     h->comm[0] = 0;
-    bpf_ringbuf_submit(h, wake_flag());
+    bpf_ringbuf_submit(h, wake_flag(&w));
     return 0;
 }

@@ -197,7 +197,9 @@ static int find_slot(const char *cid) {
     return -1;
 }
 
-/* The slot named by /proc/<pid>/cgroup: slot + 1; 0 another container or none; -1 gone. */
+/* The slot named by /proc/<pid>/cgroup: slot + 1; 0 another container; -1 gone; -2 in no
+ * container's cgroup (a host process, or a sandbox's first process before runc moves it
+ * into its container's cgroup: not a verdict on its pid namespace). */
 static int slot_by_cgroup(int32_t pid) {
     if (pid <= 0) return -1;
     ssize_t n = read_proc(pid, "cgroup");
@@ -213,7 +215,7 @@ static int slot_by_cgroup(int32_t pid) {
         if (cid != NULL) return find_slot(cid) + 1;
         line = stop + 1;
     }
-    return 0;
+    return -2;
 }
 
 /* -- the process table (sandbox.proc_table.ProcessTable, in C) ------------------------ */

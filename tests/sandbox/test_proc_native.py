@@ -355,3 +355,29 @@ def test_a_running_container_watched_by_its_pids_has_its_commands_and_execs_capt
         assert echo.argv[1].startswith("xxxx") and len("\0".join(echo.argv)) == 4096
     else:
         assert echo.argv == ("/bin/echo", long_arg) and not echo.argv_truncated
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("reader", ["ebpf", "native"])
+def test_sandboxes_that_end_at_once_are_placed_and_captured_whole(
+    reader: str, containers: Callable[[list[str]], Any]
+) -> None:
+    # Watched before they start, their namespace is placed by a live process's cgroup:
+    # the reader must look while the sandbox lives, not at its next timed drain.
+    hub = reader_hub(reader)
+    boxes = [containers(["sh", "-c", f"/bin/echo quick-{i}"]) for i in range(6)]
+    got = {c.id: Collected() for c in boxes}
+    for c in boxes:
+        hub.subscribe(c.id, [], got[c.id])
+    try:
+        for c in boxes:
+            c.start()
+        for c in boxes:
+            assert c.wait(timeout=60)["StatusCode"] == 0
+        for i, c in enumerate(boxes):
+            got[c.id].wait_for(f"sandbox {i}'s echo", lambda rs, i=i: any(
+                isinstance(r, CommandFinished) and r.argv == ("/bin/echo", f"quick-{i}")
+                for r in rs))  # fmt: skip
+    finally:
+        for c in boxes:
+            hub.unsubscribe(c.id)
