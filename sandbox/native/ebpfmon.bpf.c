@@ -2,7 +2,8 @@
  * ebpfmon.bpf.c: every fork / exec / exit in the watched containers, with argv read in
  * the kernel at exec time, into a ring buffer that user space (ebpfmon.c) drains in
  * batches on a timer: no wake-up per exec. A container is known by its pid namespace
- * (`watched`: ns inode -> slot + 1, filled by the loader); while a watch does not know
+ * (`watched`: ns inode -> slot + 1 and the namespace's reaper's start time, filled by the
+ * loader: a dead namespace's inode soon names another sandbox's); while a watch does not know
  * its namespace yet (`ctl[EMON_CTL_CATCH_NEW]`), records of any other non-host
  * namespace are sent flagged EMON_UNKNOWN_NS so the loader can place them by cgroup,
  * until it tells the kernel to ignore that namespace (`ignored`).
@@ -69,8 +70,8 @@ struct {
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
     __uint(max_entries, 4096);
-    __type(key, __u32);   /* pid namespace inode */
-    __type(value, __u32); /* slot + 1 */
+    __type(key, __u32);                /* pid namespace inode */
+    __type(value, struct emon_watch); /* its slot, and which namespace of that inode */
 } watched SEC(".maps");
 
 struct {
@@ -106,11 +107,17 @@ static __always_inline int classify(struct task_struct *t, struct where *w) {
 #pragma unroll
     for (int i = 0; i < EMON_NS_DEPTH; i++) {
         __u32 inum = BPF_CORE_READ(ns, ns.inum);
-        __u32 *slot = bpf_map_lookup_elem(&watched, &inum);
-        if (slot) {
-            w->inum = inum;
-            w->slot = *slot;
-            return 1;
+        struct emon_watch *watch = bpf_map_lookup_elem(&watched, &inum);
+        if (watch) {
+            /* which namespace of that inode: a dead one's inode can name a new one, which
+             * is then one to place (below), not the slot's */
+            __u64 start = BPF_CORE_READ(ns, child_reaper, start_time);
+            if (watch->reaper_start == 0 || watch->reaper_start == start) {
+                w->inum = inum;
+                w->slot = watch->slot;
+                w->reaper_start = start;
+                return 1;
+            }
         }
         if (BPF_CORE_READ(ns, level) <= 1) break;
         ns = BPF_CORE_READ(ns, parent);

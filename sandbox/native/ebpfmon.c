@@ -10,11 +10,13 @@
  * The kernel reads argv at exec time and filters by pid namespace, so this process
  * never races a short command for /proc/<pid>/cmdline: it wakes on a timer (DRAIN_MS)
  * and drains the ring buffer in one go. A watch names its container's pids; their
- * /proc/<pid>/ns/pid inode goes into the `watched` map. A watch without pids (the
- * container is not started yet) asks the kernel for records of unknown namespaces
- * (`ctl[EMON_CTL_CATCH_NEW]`); each is placed by /proc/<pid>/cgroup (as procmon places
- * a `docker exec`), and a namespace of another container or of no container is then
- * ignored in the kernel.
+ * /proc/<pid>/ns/pid inode goes into the `watched` map, with its reaper's start time from
+ * its first record: an inode is reused by the next namespace, so both name one. A watch
+ * without pids (the container is not started yet) asks the kernel for records of unknown
+ * namespaces (`ctl[EMON_CTL_CATCH_NEW]`), which wake this reader at once; each is placed
+ * by /proc/<pid>/cgroup (as procmon places a `docker exec`), a namespace of another
+ * container is then ignored in the kernel, and one whose processes are in no container's
+ * cgroup yet (runc's first) waits, pending, for its next record.
  *
  * Pids are host pids; times CLOCK_MONOTONIC ns. Ends when stdin closes.
  * With SANDFLEET_BPF_STATS=1 it keeps the kernel's BPF run-time statistics on, so the
@@ -68,17 +70,37 @@ static void set_catch_new(void) {
     }
 }
 
-static void learn_ns(int s, uint32_t inum) {
-    if (inum == 0 || slots[s].inum == inum) return;
-    if (slots[s].inum != 0) bpf_map_delete_elem(watched_fd, &slots[s].inum);
-    slots[s].inum = inum;
-    uint32_t v = (uint32_t)s + 1;
-    bpf_map_update_elem(watched_fd, &inum, &v, BPF_ANY);
+/* Delete the kernel's entry for slot `s`'s inode, unless another slot owns it now. */
+static void unmap_ns(int s) {
+    struct emon_watch v;
+    if (slots[s].inum != 0 && bpf_map_lookup_elem(watched_fd, &slots[s].inum, &v) == 0 &&
+        v.slot == (uint32_t)s + 1)
+        bpf_map_delete_elem(watched_fd, &slots[s].inum);
+}
+
+/* Tell the kernel which namespace slot `s` watches (its inode, and its reaper's start
+ * time once known). */
+static void map_ns(int s) {
+    struct emon_watch v = {.slot = (uint32_t)s + 1, .reaper_start = slots[s].reaper_start};
+    bpf_map_update_elem(watched_fd, &slots[s].inum, &v, BPF_ANY);
+}
+
+static void learn_ns(int s, uint32_t inum, uint64_t reaper_start) {
+    if (inum == 0) return;
+    for (int o = 0; o < nslots; o++) /* a slot still holding this inode: its ns is dead */
+        if (o != s && slots[o].active && slots[o].inum == inum) slots[o].inum = 0;
+    if (slots[s].inum != inum) {
+        unmap_ns(s);
+        slots[s].inum = inum;
+    }
+    slots[s].reaper_start = reaper_start;
+    map_ns(s);
 }
 
 static void forget_ns(int s) {
-    if (slots[s].inum != 0) bpf_map_delete_elem(watched_fd, &slots[s].inum);
+    unmap_ns(s);
     slots[s].inum = 0;
+    slots[s].reaper_start = 0;
 }
 
 /* -- the process table ----------------------------------------------------------------- */
@@ -146,10 +168,16 @@ static void keep_pending(const struct emon_head *h, const char *argv) {
     pending[npending++] = p;
 }
 
-static void replay_pending(uint32_t inum, int s1) {
+/* Pending records are of one namespace when both its inode and its reaper's start time
+ * match: a dead namespace's inode soon names another sandbox's. */
+static int same_ns(const struct pending *p, uint32_t inum, uint64_t reaper_start) {
+    return p->inum == inum && p->e.h.reaper_start == reaper_start;
+}
+
+static void replay_pending(uint32_t inum, uint64_t reaper_start, int s1) {
     int kept = 0;
     for (int i = 0; i < npending; i++) {
-        if (pending[i]->inum == inum) {
+        if (same_ns(pending[i], inum, reaper_start)) {
             on_record(s1, &pending[i]->e.h, pending[i]->e.argv);
             free(pending[i]);
         } else {
@@ -159,10 +187,10 @@ static void replay_pending(uint32_t inum, int s1) {
     npending = kept;
 }
 
-static void drop_pending(uint32_t inum) {
+static void drop_pending(uint32_t inum, uint64_t reaper_start) {
     int kept = 0;
     for (int i = 0; i < npending; i++) {
-        if (pending[i]->inum == inum) free(pending[i]);
+        if (same_ns(pending[i], inum, reaper_start)) free(pending[i]);
         else pending[kept++] = pending[i];
     }
     npending = kept;
@@ -170,7 +198,8 @@ static void drop_pending(uint32_t inum) {
 
 static void on_unknown(const struct emon_head *h, const char *argv) {
     for (int s = 0; s < nslots; s++) /* placed already, and the kernel not told yet */
-        if (slots[s].active && slots[s].inum == h->ns_inum) {
+        if (slots[s].active && slots[s].inum == h->ns_inum &&
+            slots[s].reaper_start == h->reaper_start) {
             on_record(s + 1, h, argv);
             return;
         }
@@ -185,11 +214,11 @@ static void on_unknown(const struct emon_head *h, const char *argv) {
         struct emon_ns_key key = {.inum = h->ns_inum, .reaper_start = h->reaper_start};
         uint8_t one = 1;
         bpf_map_update_elem(ignored_fd, &key, &one, BPF_ANY);
-        drop_pending(h->ns_inum);
+        drop_pending(h->ns_inum, h->reaper_start);
         return;
     }
-    learn_ns(found - 1, h->ns_inum);
-    replay_pending(h->ns_inum, found);
+    learn_ns(found - 1, h->ns_inum, h->reaper_start);
+    replay_pending(h->ns_inum, h->reaper_start, found);
     on_record(found, h, argv);
     set_catch_new();
 }
@@ -201,8 +230,24 @@ static int on_event(void *ctx, void *data, size_t size) {
     const char *argv = h->kind == EMON_EXEC && size >= sizeof(struct emon_exec)
                            ? ((const struct emon_exec *)data)->argv
                            : "";
-    if (h->flags & EMON_UNKNOWN_NS) on_unknown(h, argv);
-    else on_record((int)h->slot, h, argv);
+    if (h->flags & EMON_UNKNOWN_NS) {
+        on_unknown(h, argv);
+        return 0;
+    }
+    int s = (int)h->slot - 1;
+    if (s < 0 || s >= nslots || !slots[s].active) return 0;
+    struct slot *sl = &slots[s];
+    if (sl->inum == h->ns_inum && sl->reaper_start == 0) {
+        sl->reaper_start = h->reaper_start; /* its first record: now the kernel knows too */
+        map_ns(s);
+    }
+    if (sl->inum != h->ns_inum || sl->reaper_start != h->reaper_start) {
+        /* The kernel's map still named this slot, but the slot's namespace is dead and
+         * its inode names a new one (of another sandbox, maybe): place that one anew. */
+        on_unknown(h, argv);
+        return 0;
+    }
+    on_record(s + 1, h, argv);
     return 0;
 }
 
@@ -214,13 +259,13 @@ static void watch(int s, char *pids) {
         if (!valid((int32_t)pid)) continue;
         join((int32_t)pid, s + 1);
         uint32_t inum = ns_of((int32_t)pid);
-        if (slots[s].inum == 0 && inum != host_ns) learn_ns(s, inum);
+        if (slots[s].inum == 0 && inum != host_ns) learn_ns(s, inum, 0); /* start: 1st record */
     }
     set_catch_new();
 }
 
 static void unwatch(int s) {
-    if (slots[s].inum != 0) drop_pending(slots[s].inum);
+    if (slots[s].inum != 0) drop_pending(slots[s].inum, slots[s].reaper_start);
     forget_ns(s);
     close_slot(s);
     set_catch_new();

@@ -25,11 +25,17 @@ struct emon_ns_key { /* an ignored namespace: its inode and its reaper's start t
     __u64 reaper_start;
 };
 
+struct emon_watch { /* the `watched` map's value: whose namespace this inode is */
+    __u32 slot;         /* slot + 1 */
+    __u32 pad;
+    __u64 reaper_start; /* its reaper's start time; 0 until the loader knows it */
+};
+
 struct emon_head {
     __u32 kind;
     __u32 flags;
     __u64 ts;           /* bpf_ktime_get_ns: CLOCK_MONOTONIC, as the connector's */
-    __u64 reaper_start; /* with EMON_UNKNOWN_NS: the namespace's reaper's start time */
+    __u64 reaper_start; /* the namespace's reaper's start time: with the inode, which one */
     __u32 ns_inum;      /* the pid namespace's inode (its /proc/<pid>/ns/pid) */
     __u32 slot;         /* the watched container's slot + 1 (0: unknown namespace) */
     __s32 pid;          /* host tgid; a fork's child */

@@ -49,6 +49,7 @@ struct slot {
     long members;
     uint32_t inum;   /* ebpfmon: its pid namespace, once known (0: not yet) */
     int reaper_gone; /* ebpfmon: pid 1 of its namespace exited: nothing can join any more */
+    uint64_t reaper_start; /* ebpfmon: that reaper's start time (0: not seen yet) */
 };
 
 static uint16_t *owner;          /* member process -> slot + 1 */

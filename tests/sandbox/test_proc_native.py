@@ -363,7 +363,9 @@ def test_sandboxes_that_end_at_once_are_placed_and_captured_whole(
     reader: str, containers: Callable[[list[str]], Any]
 ) -> None:
     # Watched before they start, their namespace is placed by a live process's cgroup:
-    # the reader must look while the sandbox lives, not at its next timed drain.
+    # the reader must look while the sandbox lives, not at its next timed drain. And a
+    # dead sandbox's pid-namespace inode soon names the next one's: no command may land
+    # in the sandbox whose namespace had that inode before.
     hub = reader_hub(reader)
     boxes = [containers(["sh", "-c", f"/bin/echo quick-{i}"]) for i in range(6)]
     got = {c.id: Collected() for c in boxes}
@@ -381,3 +383,6 @@ def test_sandboxes_that_end_at_once_are_placed_and_captured_whole(
     finally:
         for c in boxes:
             hub.unsubscribe(c.id)
+    for i, c in enumerate(boxes):
+        argvs = {" ".join(r.argv) for r in got[c.id].records if isinstance(r, CommandStarted)}
+        assert {a.rsplit("-", 1)[-1] for a in argvs} == {str(i)}, argvs  # its own, only
