@@ -11,10 +11,11 @@ wake-up pipe; `poke()` (records arrived for a job) wakes it only while it sleeps
 the next tick: while a tick is near, pokes cost nothing.
 
 The grid trades latency for CPU. Each wake-up costs a few hundred microseconds of Python
-whatever it carries (each capture's batch, its sink call, its sample); at 100 ms, a busy
-agent's capture cost ~0.2% of a core per sandbox, at 250 ms ~0.1% (bench/monitor.py,
-busy phase). An event still reaches the sink within about 0.5 s of its exec (the
-eBPF reader drains every 100 ms, then the next tick), and the dashboard within ~2 s.
+whatever it carries (each capture's batch, its sink call, its sample): two busy agents'
+capture cost 1.07% of a core with a 100 ms grid (and the reader drained every 50 ms),
+~0.6% with 250 ms (drained every 100 ms) (bench/monitor.py, busy phase). An event
+still reaches the sink within about 0.5 s of its exec (the eBPF reader drains every
+100 ms, then the next tick), and the dashboard within ~2 s.
 
 A job (`LoopJob`) is run only on the loop's thread, never by two threads at once:
 `remove(job)` returns once the loop will not run it again, so its owner can finish it

@@ -368,12 +368,8 @@ class NetlinkProcHub:
                 else:
                     got.append(rec)
                 continue
-            if batches:  # what came before an ack is delivered before it
-                self._deliver(batches)
-                batches = {}
-            self._control(kind, cid)
-        if batches:
-            self._deliver(batches)
+            self._control(kind, cid, batches)
+        self._deliver(batches)
         return used
 
     def _columns(self, data: bytes) -> int:
@@ -402,15 +398,15 @@ class NetlinkProcHub:
             if isinstance(rec, ContainerEmpty):
                 batches.setdefault(cid, []).append(rec)
                 continue
-            if batches:  # what came before an ack is delivered before it
-                self._deliver(batches)
-                batches = {}
-            self._control(kind, cid)
-        if batches:
-            self._deliver(batches)
+            self._control(kind, cid, batches)
+        self._deliver(batches)
         return off
 
-    def _control(self, kind: int, cid: str) -> None:
+    def _control(self, kind: int, cid: str, before: dict[str, list[Any]]) -> None:
+        """An ack or a loss, once the records that came before it are delivered (then
+        `before` is emptied)."""
+        self._deliver(before)
+        before.clear()
         if kind == REC_ACK:
             with self._lock:
                 acked = self._acks.get(cid)
