@@ -3,17 +3,21 @@
 `container_spec()` returns the docker SDK `containers.create` kwargs of one sandbox;
 nothing here talks to an engine. Every sandbox gets: uid 10001, no capabilities,
 no-new-privileges, the project's seccomp profile, a read-only root, a sized noexec
-`/tmp`, no network, limits on pids / memory (swap = memory) / cpus / open files, no core
-dumps, a private IPC namespace and cgroup namespace, an init process, and the
-`sandfleet.*` labels that let the reaper find it; with `canaries`, fake credential files
-read-only in HOME (`sandbox.canaries`). Never privileged, never a device, a port or the
-Docker socket.
+`/tmp`, no network (a network namespace of its own holding only loopback, made by the
+runtime without the engine's network stack: see `NETWORK`), limits on pids / memory
+(swap = memory) / cpus / open files, no core dumps, a private IPC namespace and cgroup
+namespace, an init process, and the `sandfleet.*` labels that let the reaper find it;
+with `canaries`, fake credential files read-only in HOME (`sandbox.canaries`). Never
+privileged, never a device, a port or the Docker socket.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import stat
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from sandbox.canaries import CanarySet
@@ -22,6 +26,8 @@ from sandbox.templates import Template
 
 __all__ = [
     "AGENT_UID",
+    "HOSTNAME",
+    "HOSTS_FILE",
     "LABEL_ATTEMPT",
     "LABEL_BATCH",
     "LABEL_MANAGED",
@@ -30,6 +36,7 @@ __all__ = [
     "LABEL_TEAM",
     "LABEL_TEMPLATE",
     "LOG_MAX_SIZE",
+    "NETWORK",
     "TMP_MOUNT",
     "WORKSPACE_MOUNT",
     "container_spec",
@@ -42,6 +49,18 @@ AGENT_UID = 10001
 TMP_MOUNT = "/tmp"  # noqa: S108 - the sandbox's own tmpfs, not the host's /tmp
 WORKSPACE_MOUNT = "/workspace"
 LOG_MAX_SIZE = "64m"  # per stream file kept by the engine; bounds a runaway `yes`
+HOSTNAME = "sandbox"
+HOSTS_FILE = Path(__file__).parent / "etc" / "hosts"  # localhost, and HOSTNAME
+
+# No network: `network_mode: none` with the container's networking disabled. runc still
+# gives the sandbox a network namespace of its own, holding only loopback, but the
+# engine sets up no network sandbox for it: with `none` alone, dockerd builds one per
+# container and runc re-executes the whole dockerd binary as a prestart hook to join it
+# (`libnetwork-setkey`), about half the CPU of a container's start and removal on this
+# machine (bench/sandbox_start.py). Disabled networking also writes no /etc/hosts or
+# /etc/resolv.conf: the project's `HOSTS_FILE` is mounted read-only (localhost resolves
+# as before), and there is no resolver to ask, as there is nothing to reach.
+NETWORK: dict[str, Any] = {"network_mode": "none", "network_disabled": True}
 
 LABEL_MANAGED = "sandfleet.managed"
 LABEL_BATCH = "sandfleet.batch"
@@ -87,6 +106,17 @@ def _environment(template: Template, env: Mapping[str, str] | None) -> dict[str,
     return {"HOME": TMP_MOUNT, **template.env, **(env or {})}
 
 
+@functools.cache
+def _hosts_file() -> str:
+    """`HOSTS_FILE`, once it is known the agent (not its owner) may read it."""
+    if not HOSTS_FILE.stat().st_mode & stat.S_IROTH:
+        raise ValueError(
+            f"{HOSTS_FILE} is not readable by the sandbox's user (a checkout made under a "
+            f"strict umask?); fix: chmod 644 {HOSTS_FILE}"
+        )
+    return str(HOSTS_FILE)
+
+
 def container_spec(
     template: Template,
     *,
@@ -122,7 +152,7 @@ def container_spec(
         "command": argv,
         "name": name,
         "labels": dict(labels),
-        "hostname": "sandbox",
+        "hostname": HOSTNAME,
         "user": f"{AGENT_UID}:{AGENT_UID}",
         "working_dir": WORKSPACE_MOUNT,
         "environment": environment,
@@ -133,9 +163,12 @@ def container_spec(
         # filesystem
         "read_only": True,
         "tmpfs": {TMP_MOUNT: tmp_opts},
-        "volumes": {workspace_host_path: {"bind": WORKSPACE_MOUNT, "mode": "rw"}},
+        "volumes": {
+            workspace_host_path: {"bind": WORKSPACE_MOUNT, "mode": "rw"},
+            _hosts_file(): {"bind": "/etc/hosts", "mode": "ro"},
+        },
         # network and namespaces
-        "network_mode": "none",
+        **NETWORK,
         "ipc_mode": "private",
         "cgroupns": "private",
         "init": True,

@@ -133,6 +133,27 @@ def udp_connect() -> str:
     return "ok"
 
 
+def loopback() -> dict[str, object]:
+    """Names resolved from /etc/hosts, and a TCP round trip over loopback by name."""
+    found: dict[str, object] = {}
+    for name in ("localhost", socket.gethostname()):
+        try:
+            found[name] = sorted({a[4][0] for a in socket.getaddrinfo(name, None)})
+        except OSError as e:
+            found[name] = errno.errorcode.get(e.errno or 0, str(e))
+    try:
+        with socket.create_server(("localhost", 0)) as server:
+            port = server.getsockname()[1]
+            with socket.create_connection(("localhost", port), timeout=5) as client:
+                peer, _ = server.accept()
+                client.sendall(b"ping")
+                found["tcp"] = peer.recv(4).decode()
+                peer.close()
+    except OSError as e:
+        found["tcp"] = errno.errorcode.get(e.errno or 0, str(e))
+    return found
+
+
 def rlimit_raise() -> dict[str, str]:
     out = {}
     for name in ("RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_NPROC"):
@@ -215,6 +236,8 @@ def main() -> None:
         "interfaces": sorted(os.listdir("/sys/class/net")),
         "routes": Path("/proc/net/route").read_text().splitlines()[1:],
         "udp_connect": udp_connect(),
+        "net_namespace": os.readlink("/proc/self/ns/net"),
+        "loopback": loopback(),
         "proc_sys_write": {p: write_file(p) for p in ("/proc/sys/kernel/hostname",
                                                       "/proc/sys/vm/drop_caches",
                                                       "/proc/sys/kernel/core_pattern")},

@@ -7,7 +7,13 @@ import re
 import pytest
 
 from sandbox.backend import SandboxSpec
-from sandbox.container_spec import container_spec, sandbox_labels, sandbox_name
+from sandbox.container_spec import (
+    HOSTNAME,
+    HOSTS_FILE,
+    container_spec,
+    sandbox_labels,
+    sandbox_name,
+)
 from sandbox.seccomp import security_opt
 from sandbox.templates import Template, load_template
 
@@ -44,10 +50,11 @@ def test_root_is_read_only_and_tmp_is_a_sized_noexec_tmpfs():
     assert spec["tmpfs"] == {"/tmp": f"rw,noexec,nosuid,nodev,size={t.resources.tmp_size}"}
 
 
-def test_workspace_is_the_only_bind_mount_and_is_read_write():
+def test_workspace_is_the_only_writable_bind_mount_beside_the_read_only_hosts_file():
     spec = make()
     assert spec["volumes"] == {
-        "/data/workspaces/b1/t1/2/repo": {"bind": "/workspace", "mode": "rw"}
+        "/data/workspaces/b1/t1/2/repo": {"bind": "/workspace", "mode": "rw"},
+        str(HOSTS_FILE): {"bind": "/etc/hosts", "mode": "ro"},
     }
     assert spec["working_dir"] == "/workspace"
     assert "mounts" not in spec
@@ -56,6 +63,7 @@ def test_workspace_is_the_only_bind_mount_and_is_read_write():
 def test_no_network_no_ports_no_devices_no_docker_socket():
     spec = make()
     assert spec["network_mode"] == "none"
+    assert spec["network_disabled"] is True  # no network sandbox in the engine either
     for key in ("ports", "devices", "device_requests", "network", "links", "dns"):
         assert key not in spec
     assert not any("docker.sock" in path for path in spec["volumes"])
@@ -134,3 +142,16 @@ def test_sandbox_spec_is_read_only_and_needs_image_name_and_labels():
     assert spec.create_kwargs()["user"] == "10001:10001"
     with pytest.raises(ValueError, match="image"):
         SandboxSpec({"name": "x", "labels": {}})
+
+
+def test_the_hosts_file_names_localhost_and_the_sandbox_hostname():
+    spec = make()
+    names: dict[str, list[str]] = {}
+    for line in HOSTS_FILE.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            address, *aliases = line.split()
+            for alias in aliases:
+                names.setdefault(alias, []).append(address)
+    assert names["localhost"] == ["127.0.0.1", "::1"]
+    assert names[spec["hostname"]] == names[HOSTNAME] == ["127.0.1.1"]
+    assert HOSTS_FILE.stat().st_mode & 0o004  # the agent (uid 10001) reads it

@@ -7,6 +7,7 @@ test below judges one fact. The OOM and timeout tests run their own sandboxes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -107,6 +108,13 @@ def test_only_loopback_and_no_route(report):
     assert report["interfaces"] == ["lo"]
     assert report["routes"] == []
     assert report["udp_connect"] == "ENETUNREACH"
+
+
+def test_a_network_namespace_of_its_own_where_localhost_works(report):
+    assert report["net_namespace"] != os.readlink("/proc/self/ns/net")  # not the host's
+    assert report["loopback"] == {
+        "localhost": ["127.0.0.1", "::1"], "sandbox": ["127.0.1.1"], "tcp": "ping",
+    }  # fmt: skip
 
 
 def test_proc_sys_is_read_only(report):
