@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from accounting.errors import ConfigError
 from sandbox.canaries import CANARIES, DEFAULT_CANARIES, load_canaries, plant_canaries
-from sandbox.container_spec import container_spec, sandbox_home
+from sandbox.container_spec import HOSTS_FILE, container_spec, sandbox_home
 from sandbox.file_watch import FileChange, FileWatcher, WatchRoot
 from sandbox.sensitive_watch import AccessDebouncer, credential_patterns, readable_by
 from sandbox.templates import Template, load_template
@@ -75,12 +75,13 @@ def test_the_spec_mounts_canaries_read_only_and_keeps_config_writable_for_the_ag
     assert binds["/tmp/.git-credentials"] == (str(home / ".git-credentials"), "ro")
     assert binds["/tmp/.config/gh"] == (str(home / ".config" / "gh"), "ro")
     assert binds["/workspace"] == ("/w", "rw")
-    assert {m for _, m in binds.values()} == {"ro", "rw"} and len(binds) == 7
+    assert binds["/etc/hosts"] == (str(HOSTS_FILE), "ro")
+    assert {m for _, m in binds.values()} == {"ro", "rw"} and len(binds) == 8
     config = spec["tmpfs"]["/tmp/.config"]
     assert "noexec" in config and "uid=10001" in config and "size=" in config
     assert set(spec["tmpfs"]) == {"/tmp", "/tmp/.config"}
     plain = container_spec(template, image="img", labels={}, workspace_host_path="/w", name="n")
-    assert set(plain["tmpfs"]) == {"/tmp"} and len(plain["volumes"]) == 1
+    assert set(plain["tmpfs"]) == {"/tmp"} and set(plain["volumes"]) == {"/w", str(HOSTS_FILE)}
 
 
 def test_the_spec_refuses_canaries_planted_for_another_home(tmp_path: Path) -> None:
