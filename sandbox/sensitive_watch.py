@@ -29,8 +29,10 @@ import os
 import queue
 import re
 import stat
+import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 from accounting.errors import SandboxError
@@ -56,6 +58,44 @@ ROOT_SEARCH: Final = ("/root", "/home", "/etc", "/opt", "/srv", "/usr/local/etc"
 _MAX_DEPTH: Final = 4
 _MAX_ENTRIES: Final = 20_000
 _AGENT: Final = 10001  # uid and gid of the sandbox's agent (sandbox.container_spec)
+# The engine's own files in every container (bind-mounted from its directory).
+_ENGINE_FILES: Final = frozenset({"/etc/hosts", "/etc/hostname", "/etc/resolv.conf"})
+# (image layers, patterns, dirs) -> the paths the patterns matched in a whole search
+_FOUND: dict[tuple[str, str, tuple[str, ...]], tuple[str, ...]] = {}
+_FOUND_MAX: Final = 64
+_FOUND_LOCK = threading.Lock()
+
+
+def _image_key(pid: int, search: Sequence[str]) -> str | None:
+    """The image layers under the root of the container `pid` is in: what decides what a
+    search of it finds. None when that cannot be told: not an overlay root, or anything
+    mounted under a searched directory besides the engine's own files.
+
+    The root's first lower layer is the container's own (the engine's placeholders for
+    /etc/hosts and the like); the rest are the image's, the same for every container of
+    it. A sandbox's root is read-only (`sandbox.container_spec`), so they are what it
+    holds until it ends."""
+    try:
+        lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    key = None
+    for line in lines:
+        fields = line.split(" ")
+        point, rest = fields[4], fields[fields.index("-") + 1 :]
+        if point == "/":
+            if rest[0] != "overlay":
+                return None
+            lower = [o for o in rest[2].split(",") if o.startswith("lowerdir=")]
+            layers = lower[0].removeprefix("lowerdir=").split(":") if lower else []
+            if len(layers) < 2:
+                return None
+            key = ":".join(layers[1:])
+        elif point not in _ENGINE_FILES and any(
+            point == d or point.startswith(d.rstrip("/") + "/") for d in search
+        ):
+            return None
+    return key
 
 
 def readable_by(st: os.stat_result, uid: int = _AGENT, gid: int = _AGENT) -> bool:
@@ -205,34 +245,67 @@ class SensitiveWatch:
         except OSError as e:  # it exited already: nothing of it to watch
             log.info("not searching the root of pid %d: %s", pid, e)
             return
-        seen = 0
         try:
-            for top in self.search:
-                try:
-                    for parent, dirs, files, dfd in os.fwalk(top.lstrip("/"), dir_fd=root):
-                        if parent.count("/") >= _MAX_DEPTH - 1:
-                            dirs.clear()
-                        seen += len(dirs) + len(files)
-                        if seen > _MAX_ENTRIES:
-                            log.warning("stopped searching the sandbox root at %d entries", seen)
-                            return
-                        for name in files:
-                            self._consider(f"/{parent}/{name}", name, dfd)
-                except (FileNotFoundError, NotADirectoryError, PermissionError):
-                    continue  # not in this image
+            layers = _image_key(pid, self.search)
+            key = None
+            if layers is not None:
+                key = (layers, self.pattern.pattern if self.pattern else "", self.search)
+                with _FOUND_LOCK:
+                    found = _FOUND.get(key)
+                if found is not None:  # the same image, searched before: only its matches
+                    for path in found:
+                        parent, _, name = path.rpartition("/")
+                        try:
+                            dfd = os.open(parent.lstrip("/") or ".", os.O_RDONLY | os.O_DIRECTORY
+                                          | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)  # fmt: skip
+                        except OSError:
+                            continue
+                        try:
+                            self._consider(path, name, dfd)
+                        finally:
+                            os.close(dfd)
+                    return
+            matched: list[str] = []
+            if self._walk(root, matched) and key is not None:
+                with _FOUND_LOCK:
+                    if len(_FOUND) >= _FOUND_MAX:
+                        _FOUND.pop(next(iter(_FOUND)))
+                    _FOUND[key] = tuple(matched)
         finally:
             os.close(root)
 
-    def _consider(self, path: str, name: str, dfd: int) -> None:
+    def _walk(self, root: int, matched: list[str]) -> bool:
+        """Search the root (`root`, a directory fd) whole; False when it was cut short."""
+        seen = 0
+        for top in self.search:
+            try:
+                for parent, dirs, files, dfd in os.fwalk(top.lstrip("/"), dir_fd=root):
+                    if parent.count("/") >= _MAX_DEPTH - 1:
+                        dirs.clear()
+                    seen += len(dirs) + len(files)
+                    if seen > _MAX_ENTRIES:
+                        log.warning("stopped searching the sandbox root at %d entries", seen)
+                        return False
+                    for name in files:
+                        if self._consider(f"/{parent}/{name}", name, dfd):
+                            matched.append(f"/{parent}/{name}")
+            except (FileNotFoundError, NotADirectoryError, PermissionError):
+                continue  # not in this image
+        return True
+
+    def _consider(self, path: str, name: str, dfd: int) -> bool:
+        """Watch `path` (`name` in directory `dfd`) if it is a credential file the agent
+        may read; returns whether the patterns matched it."""
         assert self.pattern is not None
         if not self.pattern.search(path):
-            return
+            return False
         try:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         except OSError:
-            return
+            return True
         if stat.S_ISREG(st.st_mode) and readable_by(st):
             self._watch(f"/proc/self/fd/{dfd}/{name}".encode(), path, st.st_size)
+        return True
 
     # -- on the capture loop ------------------------------------------------------------
 

@@ -188,3 +188,65 @@ def test_python_git_pip_and_pytest_read_no_credential_file(
     found, _ = run_anomalies(str(data_dir), load_policies().anomalies, rules=["sensitive_files"],
                              record=False)  # fmt: skip
     assert found == []
+
+
+CREDS_IMAGE = """FROM {base}
+USER root
+RUN mkdir -p /home/dev/.aws /root/.ssh \\
+ && echo '[default]' > /home/dev/.aws/credentials && chmod 644 /home/dev/.aws/credentials \\
+ && echo key > /root/.ssh/id_ed25519 && chmod 600 /root/.ssh/id_ed25519
+"""
+
+
+def test_an_image_is_searched_once_and_its_readable_credential_files_are_watched_in_each_sandbox(
+    docker_client: Any, base_image: str, session_prefix: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    import io
+
+    from sandbox import sensitive_watch
+    from sandbox.sensitive_watch import ROOT_SEARCH, SensitiveWatch, credential_patterns
+
+    walks: list[int] = []
+    walk = SensitiveWatch._walk
+    monkeypatch.setattr(SensitiveWatch, "_walk", lambda self, root, matched: (
+        walks.append(root), walk(self, root, matched))[1])  # fmt: skip
+    tag = f"sandfleet-test/creds:{session_prefix.lower()}"
+    docker_client.images.build(fileobj=io.BytesIO(CREDS_IMAGE.format(base=base_image).encode()),
+                               tag=tag, rm=True)  # fmt: skip
+    (tmp_path / "extra").mkdir()
+    boxes = []
+    try:
+        for mounts in ({}, {}, {str(tmp_path / "extra"): {"bind": "/home/dev/extra"}}):
+            box = docker_client.containers.run(
+                tag, ["sleep", "60"], detach=True, network_mode="none", network_disabled=True,
+                read_only=True, volumes=mounts, labels={"sandfleet.test": session_prefix},
+            )  # fmt: skip
+            boxes.append(box)
+        seen = []
+        for i, box in enumerate(boxes):
+            box.reload()
+            pid = box.attrs["State"]["Pid"]
+            reports: list[Any] = []
+            watch = SensitiveWatch(reports.append, None, credential_patterns())
+            watch.start()
+            try:
+                watch.watch_root(pid)
+                wait_until(lambda w=watch: bool(w.watched), what=f"box {i}'s credential file")
+                # Readable by the agent: watched; root's own key (0600): not.
+                assert watch.watched == ["/home/dev/.aws/credentials"]
+                assert box.exec_run(["cat", "/home/dev/.aws/credentials"]).exit_code == 0
+                wait_until(lambda r=reports: bool(r), what=f"box {i}'s read")
+                assert [(r.op, r.path) for r in reports] == [("read", "/home/dev/.aws/credentials")]
+            finally:
+                watch.stop()
+            seen.append(len(walks))
+            if i < 2:
+                assert sensitive_watch._image_key(pid, ROOT_SEARCH) is not None
+        # The first sandbox's root was searched; the second, of the same image, was not;
+        # the third has a mount under /home, so its root was searched again.
+        assert seen == [1, 1, 2]
+    finally:
+        for box in boxes:
+            box.remove(force=True)
+        docker_client.images.remove(tag, force=True)
