@@ -209,8 +209,12 @@ def test_an_image_is_searched_once_and_its_readable_credential_files_are_watched
 
     walks: list[int] = []
     walk = SensitiveWatch._walk
-    monkeypatch.setattr(SensitiveWatch, "_walk", lambda self, root, matched: (
-        walks.append(root), walk(self, root, matched))[1])  # fmt: skip
+
+    def counted(self: SensitiveWatch, root: int, matched: list[str]) -> bool:
+        walks.append(root)
+        return walk(self, root, matched)
+
+    monkeypatch.setattr(SensitiveWatch, "_walk", counted)
     tag = f"sandfleet-test/creds:{session_prefix.lower()}"
     docker_client.images.build(fileobj=io.BytesIO(CREDS_IMAGE.format(base=base_image).encode()),
                                tag=tag, rm=True)  # fmt: skip
