@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 _CANCEL_WAIT_S: Final = 90.0
+_WARM_WAIT_S: Final = 10.0  # how long a batch waits for the nodes warming at the start
 
 BOOTSTRAP_CONFIG: Final = Path("~/ray_bootstrap_config.yaml")
 """Where `ray up` leaves the cluster's config on the head (the autoscaler's maximum)."""
@@ -189,11 +190,15 @@ def connect(settings: Settings) -> Iterator[Cluster]:
     cluster: Cluster | None = None
     try:
         ledger = get_ledger(settings.data_dir)
-        if settings.backend is Backend.DOCKER:  # gateways and imports, while we go on
-            warm_nodes(settings.data_dir)
+        warming = warm_nodes(settings.data_dir) if settings.backend is Backend.DOCKER else []
         scheduler = get_scheduler(
             settings.data_dir, policies=_policies(settings), max_slots=_max_slots(settings)
         )
+        if warming:  # the batch is submitted to nodes ready to run it, not still starting
+            _, late = ray.wait(warming, num_returns=len(warming), timeout=_WARM_WAIT_S)
+            if late:
+                log.info("%d of %d workers still warming after %.0fs; submitting anyway",
+                         len(late), len(warming), _WARM_WAIT_S)  # fmt: skip
         cluster = Cluster(embedded, ledger, scheduler)
         if settings.monitor or settings.dashboard:
             cluster.monitor, cluster.dashboard_url = _start_monitor(settings)

@@ -9,9 +9,10 @@ The tee: every batch the writer accepted is also sent to the Monitor actor (`mon
 in the same namespace) when one runs, fire and forget (`ingest_many.remote`, never
 waited for: the Monitor appends its findings back here). Batches are gathered and sent
 at most every `_TEE_EVERY_S` (100 ms) in one call: submitting a Ray call per append
-was the ledger actor's largest cost. The Monitor is looked up lazily and again every
-`_MONITOR_LOOKUP_S`; while it lags more than `_TEE_MAX_PENDING` calls behind, batches
-are not teed (counted in `tee_stats`), so the ledger never waits on it.
+was the ledger actor's largest cost. The Monitor is looked up by the tee's timer thread
+(never on an append), again every `_MONITOR_LOOKUP_S`; while it lags more than
+`_TEE_MAX_PENDING` calls behind, batches are not teed (counted in `tee_stats`), so the
+ledger never waits on it.
 """
 
 from __future__ import annotations
@@ -130,21 +131,24 @@ class LedgerActor:
             return
         with self._tee_lock:
             self._tee_waiting.extend(batches)
-            if time.monotonic() - self._tee_at >= _TEE_EVERY_S:
-                self._send_tee()
+            if self._monitor is not None and time.monotonic() - self._tee_at >= _TEE_EVERY_S:
+                self._send_tee(self._monitor)
 
     def _tee_timer(self) -> None:
         while True:
             time.sleep(_TEE_EVERY_S)
+            # Looked up here only, never on an append: the first lookup loads the Monitor's
+            # class (~0.3 s of imports), which held up a batch's first durable write.
+            monitor = self._monitor_handle()
             with self._tee_lock:
                 if self._tee_waiting:
-                    self._send_tee()
+                    self._send_tee(monitor)
 
-    def _send_tee(self) -> None:
-        """One fire-and-forget call with every batch gathered (the tee lock held)."""
+    def _send_tee(self, monitor: Any) -> None:
+        """One fire-and-forget call with every batch gathered (the tee lock held); none
+        while no Monitor runs."""
         batches, self._tee_waiting = self._tee_waiting, []
         self._tee_at = time.monotonic()
-        monitor = self._monitor_handle()
         if monitor is None:
             return
         if self._tee_pending:

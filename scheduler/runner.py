@@ -422,7 +422,8 @@ def warm_node(data_dir: str) -> str:
 
 def warm_nodes(data_dir: str) -> list[Any]:
     """Start `warm_node` on every live node that has sandbox slots (one per slot, at most
-    `_WARM_PER_NODE`); returns their refs, which nobody needs to wait for."""
+    `_WARM_PER_NODE`); returns their refs (the driver waits a few seconds for them
+    before it submits: a batch's first attempts then find their workers ready)."""
     refs = []
     for node in ray.nodes():
         slots = int(node.get("Resources", {}).get(SLOT_RESOURCE, 0))

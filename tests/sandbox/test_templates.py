@@ -55,6 +55,7 @@ GOOD = (configs_dir() / "templates" / "minimal.yaml").read_text()
         ),
         (("image: base", "image: nosuch"), "image", "configs/images/nosuch"),
         (("name: minimal", "name: other"), "name", "rename the file"),
+        (("warm_pool: 0", "warm_pool: 4"), "warm_pool", "set warm_pool: 0"),
     ],
 )
 def test_bad_template_error_names_file_field_and_fix(
