@@ -78,24 +78,30 @@ def _docker_run_argv() -> Any:
     return module.docker_run_argv
 
 
-def baseline(n: int, parallel: int, work: Path) -> float:
-    """Makespan of `xargs -P parallel` over n raw `docker run ... true`."""
-    docker_run_argv = _docker_run_argv()
+def _specs(n: int, work: Path, kind: str) -> list[dict[str, Any]]:
+    """n container specs of `true` in the minimal template (sandfleet's own plan), each
+    with its own empty workspace folder under `work`."""
     template = load_template("minimal")
     image = image_ref(template.image)
-    batch = f"bench-raw-{uuid.uuid4().hex[:8]}"
-    lines = []
+    batch = f"bench-{kind}-{uuid.uuid4().hex[:8]}"
+    specs = []
     for i in range(n):
-        workspace = work / "raw" / f"t{i}"
+        workspace = work / kind / f"t{i}"
         workspace.mkdir(parents=True)
         workspace.chmod(0o777)
         labels = sandbox_labels(batch=batch, task=f"t{i}", attempt=1, team="bench",
                                 owner=current_owner().token(), template=template.name)  # fmt: skip
-        spec = container_spec(template, image=image, labels=labels,
-                              workspace_host_path=str(workspace),
-                              name=sandbox_name(batch, f"t{i}", 1, uuid.uuid4().hex[:6]),
-                              command=["true"])  # fmt: skip
-        lines.append(shlex.join(docker_run_argv(spec)))
+        specs.append(container_spec(template, image=image, labels=labels,
+                                    workspace_host_path=str(workspace),
+                                    name=sandbox_name(batch, f"t{i}", 1, uuid.uuid4().hex[:6]),
+                                    command=["true"]))  # fmt: skip
+    return specs
+
+
+def baseline(n: int, parallel: int, work: Path) -> float:
+    """Makespan of `xargs -P parallel` over n raw `docker run ... true`."""
+    docker_run_argv = _docker_run_argv()
+    lines = [shlex.join(docker_run_argv(spec)) for spec in _specs(n, work, "raw")]
     script = work / "raw.txt"
     script.write_text("\n".join(lines) + "\n")
     start = time.perf_counter()
@@ -116,21 +122,8 @@ def api_floor(n: int, parallel: int, work: Path) -> float:
     from sandbox.backend import SandboxSpec
     from sandbox.docker_backend import DockerBackend
 
-    template = load_template("minimal")
-    image = image_ref(template.image)
-    batch = f"bench-api-{uuid.uuid4().hex[:8]}"
+    specs = _specs(n, work, "api")
     backend = DockerBackend()
-    specs = []
-    for i in range(n):
-        workspace = work / "api" / f"t{i}"
-        workspace.mkdir(parents=True)
-        workspace.chmod(0o777)
-        labels = sandbox_labels(batch=batch, task=f"t{i}", attempt=1, team="bench",
-                                owner=current_owner().token(), template=template.name)  # fmt: skip
-        specs.append(container_spec(template, image=image, labels=labels,
-                                    workspace_host_path=str(workspace),
-                                    name=sandbox_name(batch, f"t{i}", 1, uuid.uuid4().hex[:6]),
-                                    command=["true"]))  # fmt: skip
 
     def one(spec: dict[str, Any]) -> int:
         box = backend.create(SandboxSpec(spec))
@@ -208,13 +201,15 @@ def main() -> int:
         baseline(min(n, 4), parallel, work / "warm")  # warm the engine for all three
         api_floor(min(n, 4), parallel, work / "warm")
         for r in range(max(args.rounds, 1)):
-            runs = [
-                ("raw", baseline, work / f"b{r}"),
-                ("fleet", through_sandfleet, work / f"s{r}"),
-                ("api", api_floor, work / f"a{r}"),
-            ]  # each goes first in turn
-            got = {name: run(n, parallel, to) for name, run, to in runs[r % 3 :] + runs[: r % 3]}
-            raw, fleet, api = got["raw"], got["fleet"], got["api"]
+            got: dict[str, Any] = {}
+            runs: list[tuple[str, Any]] = [
+                ("raw", lambda to: baseline(n, parallel, to)),
+                ("fleet", lambda to: through_sandfleet(n, parallel, to)),
+                ("api", lambda to: api_floor(n, parallel, to)),
+            ]
+            for name, run in runs[r % 3 :] + runs[: r % 3]:  # each goes first in turn
+                got[name] = run(work / f"{name}{r}")
+            raw, fleet, api = float(got["raw"]), dict(got["fleet"]), float(got["api"])
             rounds.append((raw, fleet, api))
             ratio_batch, ratio_wall = fleet["batch_s"] / raw, fleet["wall_s"] / raw
             print(f"{n} tasks, {parallel} at a time: xargs docker run {raw:.2f}s; sandfleet "
