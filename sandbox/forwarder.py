@@ -11,7 +11,7 @@ one-line preamble naming the port's role (`SANDFLEET/1 llm` / `SANDFLEET/1 proxy
 Once both listen it starts the agent with `agent_env()` layered under the container's
 environment (the task token comes from `/run/sandfleet/token` when `OPENAI_API_KEY` is
 not set), forwards SIGTERM/SIGINT/SIGHUP to it and exits with its exit status. Without
-an agent argv it serves until killed (warm pools `exec` the agent later).
+an agent argv it serves until killed.
 
 No threads (each one would count against the pids limit); one asyncio loop, protocol
 level relays with flow control and half-close.

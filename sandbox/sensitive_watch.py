@@ -32,7 +32,6 @@ import stat
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 from accounting.errors import SandboxError
@@ -58,43 +57,51 @@ ROOT_SEARCH: Final = ("/root", "/home", "/etc", "/opt", "/srv", "/usr/local/etc"
 _MAX_DEPTH: Final = 4
 _MAX_ENTRIES: Final = 20_000
 _AGENT: Final = 10001  # uid and gid of the sandbox's agent (sandbox.container_spec)
-# The engine's own files in every container (bind-mounted from its directory).
-_ENGINE_FILES: Final = frozenset({"/etc/hosts", "/etc/hostname", "/etc/resolv.conf"})
 # (image layers, patterns, dirs) -> the paths the patterns matched in a whole search
 _FOUND: dict[tuple[str, str, tuple[str, ...]], tuple[str, ...]] = {}
 _FOUND_MAX: Final = 64
 _FOUND_LOCK = threading.Lock()
 
 
-def _image_key(pid: int, search: Sequence[str]) -> str | None:
-    """The image layers under the root of the container `pid` is in: what decides what a
-    search of it finds. None when that cannot be told: not an overlay root, or anything
-    mounted under a searched directory besides the engine's own files.
+def _image_key(proc: int, root: int, search: Sequence[str], pattern: re.Pattern[str]) -> str | None:
+    """The image layers under a container's root (`proc`: its process's /proc directory,
+    `root`: its root, both open): what decides what a search of that root finds. None
+    when that cannot be told, and the root is then searched whole: not a read-only
+    overlay root of the engine's layout, or something mounted on a searched directory,
+    over one, or under one unless it is a single file the patterns do not name (the
+    forwarder, /etc/hosts, /etc/hostname).
 
-    The root's first lower layer is the container's own (the engine's placeholders for
-    /etc/hosts and the like); the rest are the image's, the same for every container of
-    it. A sandbox's root is read-only (`sandbox.container_spec`), so they are what it
-    holds until it ends."""
+    The root's first lower layer is the container's own (`<id>-init`: the engine's
+    placeholders for its mount points); the rest are the image's, the same for every
+    container of it, and a read-only root holds them only until it ends."""
     try:
-        lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+        with open(os.open("mountinfo", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)) as f:
+            lines = f.read().splitlines()
     except OSError:
         return None
     key = None
-    for line in lines:
-        fields = line.split(" ")
-        point, rest = fields[4], fields[fields.index("-") + 1 :]
-        if point == "/":
-            if rest[0] != "overlay":
+    try:
+        for line in lines:
+            fields = line.split(" ")
+            point, rest = fields[4], fields[fields.index("-") + 1 :]
+            if point == "/":
+                if rest[0] != "overlay" or "ro" not in fields[5].split(","):
+                    return None
+                lower = [o for o in rest[2].split(",") if o.startswith("lowerdir=")]
+                layers = lower[0].removeprefix("lowerdir=").split(":") if lower else []
+                if len(layers) < 2 or not os.readlink(layers[0]).endswith("-init/diff"):
+                    return None
+                key = ":".join(layers[1:])
+                continue
+            if any(d.startswith(point.rstrip("/") + "/") for d in search):
+                return None  # over a searched directory
+            if not any(point == d or point.startswith(d.rstrip("/") + "/") for d in search):
+                continue
+            st = os.stat(point.lstrip("/"), dir_fd=root, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or pattern.search(point):
                 return None
-            lower = [o for o in rest[2].split(",") if o.startswith("lowerdir=")]
-            layers = lower[0].removeprefix("lowerdir=").split(":") if lower else []
-            if len(layers) < 2:
-                return None
-            key = ":".join(layers[1:])
-        elif point not in _ENGINE_FILES and any(
-            point == d or point.startswith(d.rstrip("/") + "/") for d in search
-        ):
-            return None
+    except (OSError, ValueError, IndexError):  # gone, or a line not as the kernel writes
+        return None
     return key
 
 
@@ -240,16 +247,22 @@ class SensitiveWatch:
         self._loop.poke()
 
     def _search_root(self, pid: int) -> None:
-        try:
-            root = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        assert self.pattern is not None
+        try:  # one /proc directory for both: a reused pid cannot pair two containers
+            proc = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                root = os.open("root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=proc)
+            except OSError:
+                os.close(proc)
+                raise
         except OSError as e:  # it exited already: nothing of it to watch
             log.info("not searching the root of pid %d: %s", pid, e)
             return
         try:
-            layers = _image_key(pid, self.search)
+            layers = _image_key(proc, root, self.search, self.pattern)
             key = None
             if layers is not None:
-                key = (layers, self.pattern.pattern if self.pattern else "", self.search)
+                key = (layers, self.pattern.pattern, self.search)
                 with _FOUND_LOCK:
                     found = _FOUND.get(key)
                 if found is not None:  # the same image, searched before: only its matches
@@ -273,6 +286,7 @@ class SensitiveWatch:
                     _FOUND[key] = tuple(matched)
         finally:
             os.close(root)
+            os.close(proc)
 
     def _walk(self, root: int, matched: list[str]) -> bool:
         """Search the root (`root`, a directory fd) whole; False when it was cut short."""

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 _CANCEL_WAIT_S: Final = 90.0
-_WARM_WAIT_S: Final = 10.0  # how long a batch waits for the nodes warming at the start
+_WARM_WAIT_S: Final = 5.0  # how long a batch waits for the nodes warming at the start
 
 BOOTSTRAP_CONFIG: Final = Path("~/ray_bootstrap_config.yaml")
 """Where `ray up` leaves the cluster's config on the head (the autoscaler's maximum)."""
@@ -138,17 +138,29 @@ class Cluster:
     dashboard_url: str | None = None
 
 
-def _start_monitor(settings: Settings) -> tuple[Any, str | None]:
-    """The cluster's Monitor (started on first use) and its dashboard URL. A Monitor that
-    cannot start (its port taken) is reported, and the batch runs without it."""
-    import ray
+def _launch_monitor(settings: Settings) -> Any:
+    """Start the cluster's Monitor (or find it) without waiting for it: it starts while
+    the scheduler does and the nodes warm. `_monitor_ready` waits for it."""
     from ray.exceptions import RayError
 
     from scheduler.monitor_actor import get_monitor
 
     try:
-        monitor = get_monitor(settings.dashboard_host, settings.dashboard_port,
-                              _policies(settings), serve=settings.dashboard)  # fmt: skip
+        return get_monitor(settings.dashboard_host, settings.dashboard_port,
+                           _policies(settings), serve=settings.dashboard)  # fmt: skip
+    except RayError as e:
+        log.warning("the Monitor (dashboard, streaming rules) could not be started: %s; "
+                    "running without it (fix: see `ray list actors`)", e)  # fmt: skip
+        return None
+
+
+def _monitor_ready(settings: Settings, monitor: Any) -> tuple[Any, str | None]:
+    """The launched Monitor and its dashboard URL, once it answers. A Monitor that cannot
+    start (its port taken) is reported, and the batch runs without it."""
+    import ray
+    from ray.exceptions import RayError
+
+    try:
         url = str(ray.get(monitor.url.remote(), timeout=60))
         return monitor, url or None
     except (RayError, OSError) as e:
@@ -191,17 +203,18 @@ def connect(settings: Settings) -> Iterator[Cluster]:
     try:
         ledger = get_ledger(settings.data_dir)
         warming = warm_nodes(settings.data_dir) if settings.backend is Backend.DOCKER else []
+        monitor = _launch_monitor(settings) if settings.monitor or settings.dashboard else None
         scheduler = get_scheduler(
             settings.data_dir, policies=_policies(settings), max_slots=_max_slots(settings)
         )
         if warming:  # the batch is submitted to nodes ready to run it, not still starting
             _, late = ray.wait(warming, num_returns=len(warming), timeout=_WARM_WAIT_S)
             if late:
-                log.info("%d of %d workers still warming after %.0fs; submitting anyway",
+                log.warning("%d of %d workers still warming after %.0fs; submitting anyway",
                          len(late), len(warming), _WARM_WAIT_S)  # fmt: skip
         cluster = Cluster(embedded, ledger, scheduler)
-        if settings.monitor or settings.dashboard:
-            cluster.monitor, cluster.dashboard_url = _start_monitor(settings)
+        if monitor is not None:
+            cluster.monitor, cluster.dashboard_url = _monitor_ready(settings, monitor)
         yield cluster
     except BaseException:
         if cluster is not None:

@@ -10,7 +10,8 @@ in the same namespace) when one runs, fire and forget (`ingest_many.remote`, nev
 waited for: the Monitor appends its findings back here). Batches are gathered and sent
 at most every `_TEE_EVERY_S` (100 ms) in one call: submitting a Ray call per append
 was the ledger actor's largest cost. The Monitor is looked up by the tee's timer thread
-(never on an append), again every `_MONITOR_LOOKUP_S`; while it lags more than
+(never on an append), again every `_MONITOR_LOOKUP_S` and as soon as a Monitor says it
+started (`monitor_started`); while it lags more than
 `_TEE_MAX_PENDING` calls behind, batches are not teed (counted in `tee_stats`), so the
 ledger never waits on it.
 """
@@ -134,15 +135,26 @@ class LedgerActor:
             if self._monitor is not None and time.monotonic() - self._tee_at >= _TEE_EVERY_S:
                 self._send_tee(self._monitor)
 
+    def monitor_started(self) -> None:
+        """A Monitor started (its constructor says so): look it up at the next tick."""
+        self._monitor_at = -_MONITOR_LOOKUP_S
+
     def _tee_timer(self) -> None:
         while True:
             time.sleep(_TEE_EVERY_S)
-            # Looked up here only, never on an append: the first lookup loads the Monitor's
-            # class (~0.3 s of imports), which held up a batch's first durable write.
-            monitor = self._monitor_handle()
-            with self._tee_lock:
-                if self._tee_waiting:
-                    self._send_tee(monitor)
+            try:
+                # Looked up here only, never on an append: the first lookup loads the
+                # Monitor's class (~0.3 s of imports), which held up a batch's first
+                # durable write.
+                monitor = self._monitor_handle()
+                with self._tee_lock:
+                    if self._tee_waiting:  # sent, or dropped while no Monitor runs
+                        self._send_tee(monitor)
+            except Exception:  # the next tick tries again; the waiting rows are bounded
+                log.exception("teeing ledger rows to the Monitor failed")
+                with self._tee_lock:
+                    self._tee_dropped += len(self._tee_waiting)
+                    self._tee_waiting = []
 
     def _send_tee(self, monitor: Any) -> None:
         """One fire-and-forget call with every batch gathered (the tee lock held); none

@@ -205,7 +205,7 @@ def test_an_image_is_searched_once_and_its_readable_credential_files_are_watched
     import io
 
     from sandbox import sensitive_watch
-    from sandbox.sensitive_watch import ROOT_SEARCH, SensitiveWatch, credential_patterns
+    from sandbox.sensitive_watch import SensitiveWatch, credential_patterns
 
     walks: list[int] = []
     walk = SensitiveWatch._walk
@@ -215,13 +215,21 @@ def test_an_image_is_searched_once_and_its_readable_credential_files_are_watched
         return walk(self, root, matched)
 
     monkeypatch.setattr(SensitiveWatch, "_walk", counted)
+    monkeypatch.setattr(sensitive_watch, "_FOUND", {})  # nothing from earlier tests
     tag = f"sandfleet-test/creds:{session_prefix.lower()}"
     docker_client.images.build(fileobj=io.BytesIO(CREDS_IMAGE.format(base=base_image).encode()),
                                tag=tag, rm=True)  # fmt: skip
     (tmp_path / "extra").mkdir()
+    (tmp_path / "tool.py").write_text("print('a file the patterns do not name')\n")
     boxes = []
     try:
-        for mounts in ({}, {}, {str(tmp_path / "extra"): {"bind": "/home/dev/extra"}}):
+        for mounts in (
+            {},
+            {},
+            {str(tmp_path / "tool.py"): {"bind": "/opt/sandfleet/tool.py", "mode": "ro"}},
+            {str(tmp_path / "extra"): {"bind": "/home/dev/extra", "mode": "ro"}},
+            {str(tmp_path / "extra"): {"bind": "/usr/local", "mode": "ro"}},  # over /usr/local/etc
+        ):
             box = docker_client.containers.run(
                 tag, ["sleep", "60"], detach=True, network_mode="none", network_disabled=True,
                 read_only=True, volumes=mounts, labels={"sandfleet.test": session_prefix},
@@ -245,11 +253,11 @@ def test_an_image_is_searched_once_and_its_readable_credential_files_are_watched
             finally:
                 watch.stop()
             seen.append(len(walks))
-            if i < 2:
-                assert sensitive_watch._image_key(pid, ROOT_SEARCH) is not None
         # The first sandbox's root was searched; the second, of the same image, was not;
-        # the third has a mount under /home, so its root was searched again.
-        assert seen == [1, 1, 2]
+        # nor the third, whose one extra file under /opt is not a credential's name. The
+        # fourth has a directory mounted under /home, the fifth one over /usr/local/etc:
+        # their roots were searched whole.
+        assert seen == [1, 1, 1, 2, 3]
     finally:
         for box in boxes:
             box.remove(force=True)

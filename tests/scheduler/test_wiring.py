@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 import types
 from collections import Counter
 from collections.abc import Iterator
@@ -229,6 +230,27 @@ def test_the_ledger_tees_what_it_accepts_to_the_monitor_whose_live_state_shows_t
     after = ray.get(ledger.tee_stats.remote())
     assert after["sent"] - stats["sent"] == 41 and after["dropped"] == 0
     assert after["calls"] - stats["calls"] < 41  # gathered, not one call per append
+
+
+@pytest.mark.ray
+def test_a_monitor_started_after_the_ledger_gets_the_rows_appended_once_it_answers(
+    fleet: None, data_dir: Path, wait_for: Any
+) -> None:
+    """As `sandfleet run` starts them: the ledger first (its tee finds no Monitor), the
+    Monitor a moment later; the first rows after it answers reach it, none dropped."""
+    from scheduler.monitor_actor import get_monitor
+
+    ledger = get_ledger(str(data_dir))
+    time.sleep(0.5)  # the tee's timer has looked for a Monitor and found none
+    assert ray.get(ledger.tee_stats.remote())["monitor"] is False
+    monitor = get_monitor("127.0.0.1", 0)
+    ray.get(monitor.url.remote())
+    a = AttemptEvents("ml", "late-monitor", "t1")
+    assert ray.get(ledger.append.remote("events", [a.state(0, "running")])) == 1
+    wait_for(lambda: ray.get(monitor.fleet.remote())["states"] == {"running": 1},
+             timeout=20, what="the Monitor to show the row appended once it answered")  # fmt: skip
+    stats = ray.get(ledger.tee_stats.remote())
+    assert stats["monitor"] and stats["sent"] == 1 and stats["dropped"] == 0
 
 
 @pytest.mark.ray
