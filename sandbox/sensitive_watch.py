@@ -24,6 +24,7 @@ of sandfleet's does).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -61,6 +62,7 @@ _AGENT: Final = 10001  # uid and gid of the sandbox's agent (sandbox.container_s
 _FOUND: dict[tuple[str, str, tuple[str, ...]], tuple[str, ...]] = {}
 _FOUND_MAX: Final = 64
 _FOUND_LOCK = threading.Lock()
+_DIR: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def _image_key(proc: int, root: int, search: Sequence[str], pattern: re.Pattern[str]) -> str | None:
@@ -247,46 +249,42 @@ class SensitiveWatch:
         self._loop.poke()
 
     def _search_root(self, pid: int) -> None:
-        assert self.pattern is not None
-        try:  # one /proc directory for both: a reused pid cannot pair two containers
-            proc = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                root = os.open("root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=proc)
-            except OSError:
-                os.close(proc)
-                raise
-        except OSError as e:  # it exited already: nothing of it to watch
-            log.info("not searching the root of pid %d: %s", pid, e)
-            return
-        try:
+        with contextlib.ExitStack() as opened:
+            try:  # one /proc directory for both: a reused pid cannot pair two containers
+                proc = os.open(f"/proc/{pid}", _DIR)
+                opened.callback(os.close, proc)
+                root = os.open("root", _DIR, dir_fd=proc)
+                opened.callback(os.close, root)
+            except OSError as e:  # it exited already: nothing of it to watch
+                log.info("not searching the root of pid %d: %s", pid, e)
+                return
+            assert self.pattern is not None
             layers = _image_key(proc, root, self.search, self.pattern)
-            key = None
-            if layers is not None:
-                key = (layers, self.pattern.pattern, self.search)
-                with _FOUND_LOCK:
-                    found = _FOUND.get(key)
-                if found is not None:  # the same image, searched before: only its matches
-                    for path in found:
-                        parent, _, name = path.rpartition("/")
-                        try:
-                            dfd = os.open(parent.lstrip("/") or ".", os.O_RDONLY | os.O_DIRECTORY
-                                          | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)  # fmt: skip
-                        except OSError:
-                            continue
-                        try:
-                            self._consider(path, name, dfd)
-                        finally:
-                            os.close(dfd)
-                    return
+            key = None if layers is None else (layers, self.pattern.pattern, self.search)
+            with _FOUND_LOCK:
+                found = _FOUND.get(key) if key is not None else None
+            if found is not None:  # the same image, searched before: only its matches
+                self._watch_found(root, found)
+                return
             matched: list[str] = []
             if self._walk(root, matched) and key is not None:
                 with _FOUND_LOCK:
                     if len(_FOUND) >= _FOUND_MAX:
                         _FOUND.pop(next(iter(_FOUND)))
                     _FOUND[key] = tuple(matched)
-        finally:
-            os.close(root)
-            os.close(proc)
+
+    def _watch_found(self, root: int, paths: Sequence[str]) -> None:
+        """Consider again the paths an earlier search of the same image matched."""
+        for path in paths:
+            parent, _, name = path.rpartition("/")
+            try:
+                dfd = os.open(parent.lstrip("/") or ".", _DIR | os.O_NOFOLLOW, dir_fd=root)
+            except OSError:
+                continue
+            try:
+                self._consider(path, name, dfd)
+            finally:
+                os.close(dfd)
 
     def _walk(self, root: int, matched: list[str]) -> bool:
         """Search the root (`root`, a directory fd) whole; False when it was cut short."""

@@ -11,9 +11,8 @@ waited for: the Monitor appends its findings back here). Batches are gathered an
 at most every `_TEE_EVERY_S` (100 ms) in one call: submitting a Ray call per append
 was the ledger actor's largest cost. The Monitor is looked up by the tee's timer thread
 (never on an append), again every `_MONITOR_LOOKUP_S` and as soon as a Monitor says it
-started (`monitor_started`); while it lags more than
-`_TEE_MAX_PENDING` calls behind, batches are not teed (counted in `tee_stats`), so the
-ledger never waits on it.
+started (`monitor_started`); while it lags more than `_TEE_MAX_PENDING` calls behind,
+batches are not teed (counted in `tee_stats`), so the ledger never waits on it.
 """
 
 from __future__ import annotations
@@ -72,6 +71,7 @@ class LedgerActor:
         self._tee_lock = threading.Lock()  # the actor's thread and the tee's timer
         self._tee_sent = 0
         self._tee_calls = 0
+        self._monitor_lookups = 0
         self._tee_dropped = 0
         threading.Thread(target=self._tee_timer, name="ledger-tee", daemon=True).start()
 
@@ -99,13 +99,14 @@ class LedgerActor:
         return n
 
     def tee_stats(self) -> dict[str, Any]:
-        """Batches sent to the Monitor (in how many calls), dropped while it lagged, and
-        calls still in flight."""
+        """Batches sent to the Monitor (in how many calls), dropped while it lagged, calls
+        still in flight, and how many times the Monitor was looked up."""
         with self._tee_lock:
             return {
                 "monitor": self._monitor is not None,
                 "sent": self._tee_sent,
                 "calls": self._tee_calls,
+                "lookups": self._monitor_lookups,
                 "dropped": self._tee_dropped,
                 "pending": len(self._tee_pending),
             }
@@ -118,6 +119,7 @@ class LedgerActor:
         now = time.monotonic()
         if now - self._monitor_at >= _MONITOR_LOOKUP_S:
             self._monitor_at = now
+            self._monitor_lookups += 1
             try:
                 self._monitor = ray.get_actor(MONITOR_NAME, namespace=NAMESPACE)
             except ValueError:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import sys
-import time
 import types
 from collections import Counter
 from collections.abc import Iterator
@@ -241,8 +240,9 @@ def test_a_monitor_started_after_the_ledger_gets_the_rows_appended_once_it_answe
     from scheduler.monitor_actor import get_monitor
 
     ledger = get_ledger(str(data_dir))
-    time.sleep(0.5)  # the tee's timer has looked for a Monitor and found none
-    assert ray.get(ledger.tee_stats.remote())["monitor"] is False
+    wait_for(lambda: ray.get(ledger.tee_stats.remote())["lookups"] >= 1, timeout=20,
+             what="the tee's timer to look for a Monitor")  # fmt: skip
+    assert ray.get(ledger.tee_stats.remote())["monitor"] is False  # and it found none
     monitor = get_monitor("127.0.0.1", 0)
     ray.get(monitor.url.remote())
     a = AttemptEvents("ml", "late-monitor", "t1")
